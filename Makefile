@@ -1,0 +1,43 @@
+# iChat: `make run` starts the gateway with a managed vLLM worker; `make test` runs the suite.
+# Both install what they need first (into .venv) and build the small real models.
+
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+MODELS_DIR ?= $(HOME)/.cache/ichat/models
+CONFIG     ?= conf/quickstart.yaml
+PYTEST_ARGS ?=
+
+export ICHAT_MODELS_DIR := $(MODELS_DIR)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup models test test-fast run worker bench clean
+
+setup:
+	@scripts/setup_venv.sh
+
+models: setup
+	@$(PY) scripts/prepare_models.py --models-dir "$(MODELS_DIR)"
+
+# Fast in-process tests first; the real-engine end-to-end tests last.
+test: setup models
+	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m e2e --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+run: setup models
+	@$(PY) -m ichat.gateway --config $(CONFIG)
+
+worker: setup models
+	@$(PY) -m ichat.worker --model "$(MODELS_DIR)/smollm2-135m-instruct" --served-model-name smollm2 \
+		--port 8001 --enforce-eager --max-model-len 2048
+
+bench: setup
+	@$(PY) benchmarks/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

