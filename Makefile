@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models test test-fast run worker bench clean
+.PHONY: setup models sglang-args-venv test test-fast run worker bench clean
 
 setup:
 	@scripts/setup_venv.sh
@@ -21,8 +21,12 @@ setup:
 models: setup
 	@$(PY) scripts/prepare_models.py --models-dir "$(MODELS_DIR)"
 
+# SGLang's real argument parser in its own small venv (SGLang itself cannot run here).
+sglang-args-venv:
+	@scripts/setup_sglang_parser_venv.sh
+
 # Fast in-process tests first; the real-engine end-to-end tests last.
-test: setup models
+test: setup models sglang-args-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider -m e2e --durations=15 $(PYTEST_ARGS)
 

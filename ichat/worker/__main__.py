@@ -31,7 +31,7 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
     loop = asyncio.get_running_loop()
     if capture is not None:
         capture.attach(loop)
-    state = WorkerState(options)
+    state = WorkerState(options, spec=spec)
     app = build_app(state, hub)
     # handler_cancellation: a client that goes away cancels its handler, which aborts the
     # engine request instead of generating tokens nobody reads.
@@ -53,6 +53,14 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    agent = None
+    if options.gateway_address:
+        from ichat.worker.heartbeat import HeartbeatAgent
+
+        agent = HeartbeatAgent(state)
+        await agent.open()
+        agent_task = asyncio.create_task(agent.run(), name="heartbeat")
+
     async def start_engine() -> None:
         nonlocal exit_code
         try:
@@ -64,26 +72,28 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
             stop.set()
             return
         state.phase = READY
+        if agent is not None:
+            agent.poke()  # become routable now, not at the next interval
         log.info(
             "iChat worker ready: model %s at http://%s:%d/v1", spec.served_model_names[0], options.dial_host, options.port
         )
 
     engine_task = asyncio.create_task(start_engine(), name="engine-start")
-    agent_task = None
-    if options.gateway_address:
-        from ichat.worker.heartbeat import HeartbeatAgent
-
-        agent = HeartbeatAgent(state)
-        agent_task = asyncio.create_task(agent.run(), name="heartbeat")
     await stop.wait()
 
     loading = not engine_task.done()
     if state.phase == READY:
         state.phase = DRAINING
-    log.info("iChat worker %s stopping (%s)", options.worker_id, "still loading" if loading else "draining")
-    if agent_task is not None:
-        await agent.stop(agent_task)
+    log.info("iChat worker %s stopping (%s)", options.worker_id, "still loading" if loading else state.phase)
+    if agent is not None:
+        agent_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent_task
+        await agent.announce_draining()
     await runner.cleanup()  # stops accepting, lets in-flight requests finish within drain_timeout
+    if agent is not None:
+        await agent.deregister()
+        await agent.close()
     if loading:
         # The engine is being built in a thread that cannot be interrupted; its processes notice
         # their parent's exit and stop. Leave without waiting for it.

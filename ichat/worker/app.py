@@ -47,6 +47,7 @@ class WorkerState:
     """What the worker is doing now; the engine appears once it has started."""
 
     options: WorkerOptions
+    spec: Any = None  # the parsed EngineSpec, known before the engine starts
     phase: str = LOADING
     engine: Engine | None = None
     error: str | None = None

@@ -1,0 +1,106 @@
+"""``python -m ichat.gateway --config conf/config.yaml [--host H] [--port P]``
+
+Exit codes: 0 after a clean stop (SIGINT/SIGTERM), 2 for a bad config, 1 when the address
+cannot be bound.
+
+Why ``handler_cancellation=True``: aiohttp's test server cancels a handler whose client went
+away, but ``web.run_app``/``AppRunner`` do not by default. Without it the proxy would notice a
+departed client only at its next write to it, which for a request still queued or in prefill
+(or any non-streaming one) is when the whole answer is ready: the engine would do all that work
+for nobody. With it, the handler is cancelled at once and the proxy's ``finally`` closes the
+upstream connection, which the worker sees and aborts on. The proxy keeps every step that must survive
+cancellation (in-flight counts, breaker state) synchronous in ``finally`` blocks, and still
+handles a failed write for servers run without cancellation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from ichat.config import GatewayConfig, load_config
+from ichat.errors import ConfigError
+from ichat.gateway.app import build_app
+
+log = logging.getLogger("ichat.gateway")
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ichat-gateway", description="iChat gateway: one OpenAI-compatible endpoint for many workers"
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (see conf/config.yaml)")
+    parser.add_argument("--host", help="listen address (default: server_settings.host)")
+    parser.add_argument("--port", type=int, help="listen port (default: server_settings.port; 0 picks a free one)")
+    return parser.parse_args(argv)
+
+
+async def serve(config: GatewayConfig, host: str, port: int) -> None:
+    """Run until SIGINT/SIGTERM. Signal handlers only set an event; this coroutine stops."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    app = build_app(config)
+    debug = config.server_settings.log_level == "debug"
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # see the module docstring
+        access_log=log if debug else None,  # an access line per request costs more than routing it
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        bound = [a for a in runner.addresses if isinstance(a, tuple)]
+        actual_port = bound[0][1] if bound else port
+        log.info("iChat gateway listening on http://%s:%d", host, actual_port)
+        await stop.wait()
+        log.info("iChat gateway stopping")
+    finally:
+        await runner.cleanup()
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Logging first, so that warnings from loading the config are formatted like the rest.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"ichat-gateway: {err}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.server_settings.log_level.upper())
+    host = args.host or config.server_settings.host
+    port = config.server_settings.port if args.port is None else args.port
+    try:
+        _run(serve(config, host, port))
+    except ConfigError as err:
+        print(f"ichat-gateway: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"ichat-gateway: cannot listen on {host}:{port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

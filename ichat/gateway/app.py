@@ -1,0 +1,204 @@
+"""``build_app(config) -> web.Application``: the gateway's routes, middlewares and lifecycle.
+
+Everything long-lived hangs off the app under the typed keys below, so later modules (registry,
+admin API, metrics) add themselves with their own ``cleanup_ctx`` and reach the routing table,
+the client session and the clock through them. Nothing lives at module level.
+
+    CONFIG_KEY  GatewayConfig       the loaded configuration
+    TABLE_KEY   RoutingTable        model -> endpoints; static routes are put in here
+    RNG_KEY     random.Random       the policies' random source (seedable in tests)
+    CLOCK_KEY   () -> float         monotonic seconds (injectable in tests)
+    AUTH_KEY    Authenticator       bearer-key rules by path prefix (``protect`` more prefixes)
+    PROXY_KEY   Proxy               the data-plane handlers
+    CLIENT_KEY  aiohttp.ClientSession  the one upstream session (exists while the app runs)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ichat.config import GatewayConfig, RouteSpec
+from ichat.errors import (
+    IChatError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    error_body,
+    to_json_bytes,
+)
+from ichat.gateway.auth import Authenticator
+from ichat.gateway.proxy import Proxy
+from ichat.routing.table import Endpoint, RoutingTable
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+CONFIG_KEY = web.AppKey("ichat_config", GatewayConfig)
+TABLE_KEY = web.AppKey("ichat_routing_table", RoutingTable)
+RNG_KEY = web.AppKey("ichat_rng", random.Random)
+CLOCK_KEY: web.AppKey[Clock] = web.AppKey("ichat_clock")
+AUTH_KEY = web.AppKey("ichat_auth", Authenticator)
+PROXY_KEY = web.AppKey("ichat_proxy", Proxy)
+CLIENT_KEY = web.AppKey("ichat_client_session", aiohttp.ClientSession)
+
+#: POST routes relayed by the body's ``model``
+PROXIED_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/responses",
+    "/v1/audio/{tail:.*}",
+)
+#: keep-alive connections to upstreams are reused for this long when idle (seconds)
+UPSTREAM_KEEPALIVE_S = 60.0
+
+
+def build_app(
+    config: GatewayConfig,
+    *,
+    clock: Clock = time.monotonic,
+    rng: random.Random | None = None,
+) -> web.Application:
+    """The gateway app. ``clock`` and ``rng`` are injectable for tests; policies and static
+    routes are checked here, so a bad name fails before the first request."""
+    routing = config.routing
+    table = RoutingTable(
+        routing.policy,
+        routing.per_model,
+        failures_to_eject=routing.circuit_breaker.failures,
+        cooldown_s=routing.circuit_breaker.cooldown_s,
+    )
+    for endpoint in static_endpoints(config.routes):
+        table.upsert(endpoint)
+    rng = rng if rng is not None else random.Random()
+
+    auth = Authenticator()
+    auth.protect("/v1/", config.auth.api_keys)
+    proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled)
+
+    app = web.Application(
+        # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
+        client_max_size=routing.max_body_bytes,
+        middlewares=[error_middleware, auth.middleware()],
+    )
+    app[CONFIG_KEY] = config
+    app[TABLE_KEY] = table
+    app[RNG_KEY] = rng
+    app[CLOCK_KEY] = clock
+    app[AUTH_KEY] = auth
+    app[PROXY_KEY] = proxy
+    app.cleanup_ctx.append(client_session)
+
+    router = app.router
+    for path in PROXIED_ROUTES:
+        router.add_post(path, proxy.handle)
+    router.add_get("/v1/models", proxy.list_models)
+    # Model names may contain slashes (``Qwen/Qwen2-7B-Instruct``).
+    router.add_get("/v1/models/{name:.+}", proxy.get_model)
+    router.add_get("/health", health)
+    return app
+
+
+def static_endpoints(routes: tuple[RouteSpec, ...]) -> list[Endpoint]:
+    """Endpoints for ``routes``, numbered per model: ``route:<model>:<n>``."""
+    counts: dict[str, int] = {}
+    endpoints = []
+    for route in routes:
+        n = counts.get(route.model_name, 0)
+        counts[route.model_name] = n + 1
+        endpoints.append(
+            Endpoint(
+                id=f"route:{route.model_name}:{n}",
+                model_name=route.model_name,
+                api_base=route.api_base,
+                api_key=route.api_key,
+                weight=route.weight,
+                backend="openai",
+                source="route",
+            )
+        )
+    return endpoints
+
+
+async def client_session(app: web.Application) -> AsyncIterator[None]:
+    """The one upstream session, for the app's lifetime."""
+    proxy = app[PROXY_KEY]
+    connector = aiohttp.TCPConnector(
+        limit=0,  # no pool cap: the workers' own queues decide how much runs at once
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=proxy.timeout,
+        # Relay bytes as they are: a gzip answer stays gzip for the client that asked for it.
+        auto_decompress=False,
+        # Send only what the client sent; invented defaults (Accept-Encoding: gzip) would change
+        # what the upstream answers.
+        skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+        # A shared jar would carry one client's upstream cookies to the next client.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+    app[CLIENT_KEY] = session
+    proxy.session = session
+    try:
+        yield
+    finally:
+        proxy.session = None
+        await session.close()
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+def error_response(err: IChatError) -> web.Response:
+    response = web.Response(
+        body=to_json_bytes(err), status=err.status, content_type="application/json", headers=err.headers()
+    )
+    if isinstance(err, PayloadTooLarge):
+        # Don't drain the rest of a huge upload just to keep the connection alive.
+        response.force_close()
+    return response
+
+
+_HTTP_ERRORS: dict[int, type[IChatError]] = {400: InvalidRequest, 404: NotFound, 413: PayloadTooLarge}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as an OpenAI-shaped body; unexpected ones are logged, not shown."""
+    try:
+        return await handler(request)
+    except IChatError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = _HTTP_ERRORS.get(exc.status)
+        if cls is PayloadTooLarge:
+            return error_response(PayloadTooLarge("Request body is larger than the gateway's limit."))
+        if cls is NotFound:
+            return error_response(NotFound(f"No route for {request.method} {request.path}."))
+        if cls is not None:
+            return error_response(cls(exc.reason))
+        body = orjson.dumps(error_body(exc.reason, "invalid_request_error", exc.status))
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return web.Response(body=body, status=exc.status, content_type="application/json", headers=headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(IChatError("Internal error in the gateway; see its log."))

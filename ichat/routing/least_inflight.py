@@ -1,0 +1,30 @@
+"""Send the request where the least work is queued; ties broken at random.
+
+Load = requests this gateway has in flight to the endpoint + what the endpoint last reported
+(running + waiting, from worker heartbeats), divided by the endpoint's weight. The random tie
+break keeps several gateways (or a burst arriving at an idle pool) from all picking the first.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from ichat.routing.policy import RequestInfo
+from ichat.routing.table import Endpoint
+
+
+class LeastInflight:
+    def select(self, candidates: Sequence[Endpoint], request: RequestInfo, rng: random.Random) -> Endpoint:
+        if len(candidates) == 1:
+            return candidates[0]
+        best: list[Endpoint] = []
+        best_load = float("inf")
+        for ep in candidates:
+            load = (ep.inflight + ep.reported_load) / ep.weight
+            if load < best_load:
+                best_load = load
+                best = [ep]
+            elif load == best_load:
+                best.append(ep)
+        return best[0] if len(best) == 1 else best[rng.randrange(len(best))]

@@ -1,0 +1,202 @@
+"""The routing table: model name -> pool of endpoints, with each endpoint's live state.
+
+Static routes are put in at startup; the worker registry (a later module) upserts and removes
+workers and flips ``routable``. The proxy asks for ``candidates(model, now)``, lets the model's
+policy pick one, and reports the outcome with ``record_success`` / ``record_failure``, which
+drive a per-endpoint circuit breaker:
+
+    closed --N consecutive failures--> open (ejected until now + cooldown)
+    open --cooldown passed--> half-open: offered again, but only while no request is in flight
+    half-open --success--> closed          half-open --failure--> open again
+
+Pure: ``now`` is passed in (monotonic seconds), nothing here sleeps, awaits or does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+from yarl import URL
+
+from ichat.routing.policy import Policy, load_policy
+
+_URL_CACHE_SIZE = 64
+
+
+@attrs.define(slots=True, eq=False)
+class Endpoint:
+    """One upstream serving one model. Mutable: the table and the proxy update it in place."""
+
+    #: a worker id, or ``route:<model>:<n>`` for the n-th static route of a model
+    id: str
+    model_name: str
+    #: OpenAI base URL (normally ending in ``/v1``); the client path after ``/v1`` is appended
+    api_base: str = attrs.field(converter=lambda s: s.rstrip("/"))
+    api_key: str | None = None
+    weight: float = 1.0
+    #: what serves it: "vllm", "sglang", or "openai" for an external OpenAI-compatible server
+    backend: str = "openai"
+    #: "route" (static config), "worker" (registered itself) or "managed" (started by the gateway)
+    source: str = "route"
+    #: requests this gateway has in flight to it
+    inflight: int = 0
+    #: running + waiting requests the endpoint last reported (heartbeats)
+    reported_load: int = 0
+    #: set by the registry (healthy and ready); static routes start routable
+    routable: bool = True
+    #: consecutive failures (connect errors, resets, 502/503)
+    failures: int = 0
+    #: monotonic seconds until which the endpoint is ejected; 0 = not ejected
+    ejected_until: float = 0.0
+    _auth: str | None = attrs.field(default=None, init=False, repr=False)
+    _urls: dict[str, URL] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._auth = f"Bearer {self.api_key}" if self.api_key else None
+        self._urls = {}
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header value for this upstream, built once."""
+        return self._auth
+
+    def url(self, raw_v1_path: str, raw_query: str = "") -> URL:
+        """Upstream URL for a client path (already percent-encoded, starting with ``/v1``)."""
+        if raw_query:
+            return URL(f"{self.api_base}{raw_v1_path[3:]}?{raw_query}", encoded=True)
+        url = self._urls.get(raw_v1_path)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:  # /v1/audio/{tail} paths are client-chosen
+                self._urls.clear()
+            url = self._urls[raw_v1_path] = URL(self.api_base + raw_v1_path[3:], encoded=True)
+        return url
+
+    def is_ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        default_policy: str = "least_inflight",
+        per_model: Mapping[str, str] | None = None,
+        *,
+        failures_to_eject: int = 3,
+        cooldown_s: float = 10.0,
+        policy_loader: Callable[[str], Policy] = load_policy,
+    ) -> None:
+        self._default_policy = default_policy
+        self._per_model = dict(per_model or {})
+        self._failures_to_eject = failures_to_eject
+        self._cooldown_s = cooldown_s
+        self._load_policy = policy_loader
+        self._endpoints: dict[str, Endpoint] = {}
+        self._pools: dict[str, list[Endpoint]] = {}
+        self._policies: dict[str, Policy] = {}
+        # Fail at startup, not on the first request, if a policy name is wrong.
+        for name in {default_policy, *self._per_model.values()}:
+            policy_loader(name)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def upsert(self, endpoint: Endpoint) -> Endpoint:
+        """Add ``endpoint``, or update the one with its id in place and return the stored one.
+
+        Updating in place keeps the live counters (in flight, failures) that running requests
+        and the circuit breaker hold on to.
+        """
+        current = self._endpoints.get(endpoint.id)
+        if current is None:
+            self._endpoints[endpoint.id] = endpoint
+            self._pools.setdefault(endpoint.model_name, []).append(endpoint)
+            return endpoint
+        if current.model_name != endpoint.model_name:
+            self._leave_pool(current)
+            current.model_name = endpoint.model_name
+            self._pools.setdefault(current.model_name, []).append(current)
+        current.api_base = endpoint.api_base
+        current.api_key = endpoint.api_key
+        current.weight = endpoint.weight
+        current.backend = endpoint.backend
+        current.source = endpoint.source
+        current.reported_load = endpoint.reported_load
+        current.routable = endpoint.routable
+        current._refresh()
+        return current
+
+    def remove(self, endpoint_id: str) -> Endpoint | None:
+        endpoint = self._endpoints.pop(endpoint_id, None)
+        if endpoint is not None:
+            self._leave_pool(endpoint)
+        return endpoint
+
+    def _leave_pool(self, endpoint: Endpoint) -> None:
+        pool = self._pools[endpoint.model_name]
+        pool.remove(endpoint)
+        if not pool:
+            del self._pools[endpoint.model_name]
+            self._policies.pop(endpoint.model_name, None)
+
+    def get(self, endpoint_id: str) -> Endpoint | None:
+        return self._endpoints.get(endpoint_id)
+
+    def endpoints(self, model: str | None = None) -> Sequence[Endpoint]:
+        """Every endpoint of ``model`` (or of all models), routable or not."""
+        if model is None:
+            return list(self._endpoints.values())
+        return self._pools.get(model, ())
+
+    def models(self) -> list[str]:
+        """Model names with at least one endpoint, sorted."""
+        return sorted(self._pools)
+
+    def has_model(self, model: str) -> bool:
+        return model in self._pools
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def candidates(self, model: str, now: float) -> list[Endpoint]:
+        """Endpoints that may take a request now: routable, and not ejected; an endpoint whose
+        cool-down has passed is offered again as a single half-open probe."""
+        pool = self._pools.get(model)
+        if not pool:
+            return []
+        threshold = self._failures_to_eject
+        return [
+            ep
+            for ep in pool
+            if ep.routable
+            and ep.ejected_until <= now
+            # half-open: one probe at a time, the others wait for its verdict
+            and not (ep.failures >= threshold and ep.inflight > 0)
+        ]
+
+    def policy_for(self, model: str) -> Policy:
+        policy = self._policies.get(model)
+        if policy is None:
+            policy = self._policies[model] = self._load_policy(self._per_model.get(model, self._default_policy))
+        return policy
+
+    def retry_after(self, model: str, now: float) -> int:
+        """Seconds until an ejected endpoint of ``model`` is probed again (at least 1)."""
+        waits = [ep.ejected_until - now for ep in self._pools.get(model, ()) if ep.routable and ep.ejected_until > now]
+        return max(1, math.ceil(min(waits))) if waits else 1
+
+    # -- outcomes (circuit breaker) ------------------------------------------------------------
+
+    def record_success(self, endpoint: Endpoint) -> None:
+        endpoint.failures = 0
+        endpoint.ejected_until = 0.0
+
+    def record_failure(self, endpoint: Endpoint, now: float) -> bool:
+        """Count a failure; returns True when this failure ejects the endpoint."""
+        endpoint.failures += 1
+        if endpoint.failures >= self._failures_to_eject:
+            endpoint.ejected_until = now + self._cooldown_s
+            return True
+        return False

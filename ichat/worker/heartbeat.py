@@ -1,0 +1,124 @@
+"""The worker's side of service discovery: upsert heartbeats to the gateway.
+
+Every beat carries the full metadata, so the first one registers and any later one
+re-registers a worker the gateway forgot (a gateway restart). Beats go out every
+``--heartbeat-interval`` seconds, at once on a state change (loading -> ready -> draining), and
+sooner, with backoff and jitter, while the gateway cannot be reached; serving never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import aiohttp
+
+from ichat.worker.app import READY, WorkerState, describe
+from ichat.worker.gpus import gpu_inventory
+
+log = logging.getLogger("ichat.worker.heartbeat")
+
+HEARTBEAT_PATH = "/v1/workers/heartbeat"
+DEREGISTER_PATH = "/v1/workers/deregister"
+
+
+def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
+    """Pure: the wait before the next try after ``failures`` failed beats in a row.
+
+    Exponential from 0.5 s, capped at the heartbeat interval, with jitter in [50%, 100%] so a
+    fleet of workers does not hammer a gateway that just came back all at once.
+    """
+    if failures <= 0:
+        return interval
+    base = min(interval, 0.5 * 2 ** (failures - 1))
+    return base * rng.uniform(0.5, 1.0)
+
+
+async def build_payload(state: WorkerState) -> dict[str, Any]:
+    payload = describe(state)
+    options = state.options
+    engine = state.engine
+    load: dict[str, Any] = {"inflight": state.inflight, "running": 0, "waiting": 0, "kv_cache_usage": None}
+    if engine is not None and state.phase == READY:
+        with contextlib.suppress(Exception):
+            engine_load = await engine.load()
+            load.update(running=engine_load.running, waiting=engine_load.waiting, kv_cache_usage=engine_load.kv_cache_usage)
+    spec = getattr(engine, "spec", None) or state.spec
+    payload.update(
+        model_path=spec.model_path if spec else None,
+        served_model_names=list(spec.served_model_names) if spec else options.served_model_name,
+        engine_args=list(spec.canonical_args) if spec else [],
+        heartbeat_interval=options.heartbeat_interval,
+        log_streaming=options.log_streaming,
+        load=load,
+        gpus=await asyncio.to_thread(gpu_inventory),
+        error=state.error,
+    )
+    return payload
+
+
+class HeartbeatAgent:
+    def __init__(self, state: WorkerState, rng: random.Random | None = None) -> None:
+        self._state = state
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self.beats_sent = 0
+
+    def poke(self) -> None:
+        """Send the next beat now (a state change the gateway should learn at once)."""
+        self._wake.set()
+
+    def _headers(self) -> dict[str, str]:
+        token = self._state.options.worker_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> None:
+        assert self._session is not None
+        url = self._state.options.gateway_address + path
+        async with self._session.post(url, json=payload, headers=self._headers()) as resp:
+            if resp.status >= 400:
+                raise RuntimeError(f"gateway answered {resp.status}: {(await resp.text())[:200]}")
+
+    async def open(self) -> None:
+        interval = self._state.options.heartbeat_interval
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, min(5.0, interval))))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def run(self) -> None:
+        """Beat until cancelled. The session stays open for the draining beat and deregistration."""
+        options = self._state.options
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                await self._post(HEARTBEAT_PATH, await build_payload(self._state))
+                self.beats_sent += 1
+                if failures:
+                    log.info("gateway %s reachable again; registered", options.gateway_address)
+                failures = 0
+            except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, OSError) as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("heartbeat to %s failed (%s); retrying with backoff", options.gateway_address, exc)
+            delay = retry_delay(failures, options.heartbeat_interval, self._rng)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def announce_draining(self) -> None:
+        """One beat with state 'draining', so the gateway stops routing here before we stop listening."""
+        with contextlib.suppress(Exception):
+            await self._post(HEARTBEAT_PATH, await build_payload(self._state))
+
+    async def deregister(self) -> None:
+        state = self._state
+        with contextlib.suppress(Exception):
+            await self._post(
+                DEREGISTER_PATH, {"worker_id": state.options.worker_id, "instance_id": state.instance_id}
+            )

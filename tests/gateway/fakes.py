@@ -1,0 +1,144 @@
+"""Fake upstreams for gateway tests: in-process aiohttp apps that record and misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeUpstream:
+    """A fake OpenAI-compatible upstream that records every request and misbehaves on demand.
+
+    ``behaviour``: "json" (answer with a JSON body naming itself), "stream" (SSE chunks),
+    "status" (answer ``status`` with a JSON error), "reset" (close the connection before any
+    byte), "die_mid_stream" (two SSE chunks, then drop the connection), "die_mid_chunked" (the
+    same with a non-SSE chunked body), "hang" (never answer), "gzip" (a gzip-encoded body), "echo" (the request body back).
+    """
+
+    def __init__(self, name: str, behaviour: str = "json", *, status: int = 200, chunks: int = 3, delay: float = 0.0):
+        self.name = name
+        self.behaviour = behaviour
+        self.status = status
+        self.chunks = chunks
+        self.delay = delay
+        self.hits = 0
+        self.requests: list[dict[str, Any]] = []
+        #: set when a request's handler ended without finishing its answer (client went away)
+        self.aborted = asyncio.Event()
+        #: "stream" sends its first chunk, then waits for this before the rest
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.peers: list[Any] = []
+        self.api_base = ""
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=200 * 2**20)
+        app.router.add_route("*", "/v1/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        body = await request.read()
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": CIMultiDict(request.headers),
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "size": len(body),
+                "body": body if len(body) < 65536 else None,
+            }
+        )
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        finished = False
+        try:
+            response = await getattr(self, "_" + self.behaviour)(request, body)
+            finished = True
+            return response
+        finally:
+            if not finished:
+                self.aborted.set()
+
+    async def _json(self, request: web.Request, body: bytes) -> web.Response:
+        answer = {"upstream": self.name, "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+        return web.Response(body=orjson.dumps(answer), status=self.status, content_type="application/json")
+
+    async def _echo(self, request: web.Request, body: bytes) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    async def _gzip(self, request: web.Request, body: bytes) -> web.Response:
+        payload = gzip.compress(orjson.dumps({"upstream": self.name}))
+        return web.Response(body=payload, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    async def _status(self, request: web.Request, body: bytes) -> web.Response:
+        error = {"error": {"message": f"{self.name} says {self.status}", "type": "x", "code": self.status, "param": None}}
+        return web.Response(body=orjson.dumps(error), status=self.status, content_type="application/json")
+
+    async def _stream(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Upstream": self.name})
+        await out.prepare(request)
+        for i in range(self.chunks):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if i == 1:
+                await self.hold.wait()
+            await out.write(b"data: " + orjson.dumps({"upstream": self.name, "n": i}) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    async def _die(self, request: web.Request, content_type: str) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": content_type})
+        await out.prepare(request)
+        await out.write(b'data: {"n": 0}\n\n')
+        await out.write(b'data: {"n": 1}\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(0.05)
+        return out
+
+    async def _die_mid_stream(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        return await self._die(request, "text/event-stream")
+
+    async def _die_mid_chunked(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        return await self._die(request, "application/x-ndjson")
+
+    async def _reset(self, request: web.Request, body: bytes) -> web.Response:
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(0.05)
+        return web.Response()
+
+    async def _hang(self, request: web.Request, body: bytes) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+
+class NoCancellationTestServer(TestServer):
+    """A test server run like ``web.run_app`` runs by default: handlers are not cancelled when
+    the client goes away (aiohttp's TestServer cancels them)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = False
+        return web.AppRunner(self.app, **kwargs)
+
+
+MakeUpstream = Callable[..., Awaitable[FakeUpstream]]
+MakeGateway = Callable[..., Awaitable[TestClient]]

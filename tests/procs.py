@@ -1,0 +1,122 @@
+"""Real processes for end-to-end tests: start, wait on a condition with a deadline, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("ICHAT_MODELS_DIR", Path.home() / ".cache" / "ichat" / "models"))
+
+
+def smollm2_path() -> str:
+    path = models_dir() / "smollm2-135m-instruct"
+    assert (path / "config.json").is_file(), f"{path} missing: run `make models`"
+    return str(path)
+
+
+def minilm_path() -> str:
+    path = models_dir() / "all-minilm-l6-v2"
+    assert (path / "config.json").is_file(), f"{path} missing: run `make models`"
+    return str(path)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except AssertionError:
+            raise
+        except Exception as exc:  # the thing may not be up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+class Proc:
+    """A child process in its own process group, its output in a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        full_env = dict(os.environ)
+        full_env.setdefault("HF_HUB_OFFLINE", "1")
+        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole group. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # engine subprocesses too, if any were left
+        except ProcessLookupError:
+            pass
+        code = self.popen.wait(10)
+        self._log.close()
+        return code
+
+
+class WorkerProc(Proc):
+    def __init__(self, tmp_dir: Path, model: str, name: str, *extra: str, port: int | None = None, env=None) -> None:
+        self.port = port or free_port()
+        self.name = name
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable, "-m", "ichat.worker", "--model", model, "--served-model-name", name,
+            "--port", str(self.port), "--enforce-eager", *extra,
+        ]
+        self.health_seen: list[int] = []
+        super().__init__(argv, tmp_dir / f"worker-{name}-{self.port}.log", env)
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        def ready() -> bool:
+            assert self.alive(), f"worker exited with {self.popen.returncode}:\n{self.log_text()[-3000:]}"
+            try:
+                status = httpx.get(self.base_url + "/health", timeout=2).status_code
+            except httpx.TransportError:
+                return False
+            self.health_seen.append(status)
+            return status == 200
+
+        wait_until(ready, timeout, interval=0.25, what=f"worker {self.name} /health == 200")
