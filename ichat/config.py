@@ -193,6 +193,39 @@ class LogsSettings:
     ring_lines: int = attrs.field(default=10000, validator=_check(lambda v: v >= 0, "an integer >= 0"))
 
 
+@attrs.frozen
+class RegistrySettings:
+    """How the gateway decides a registered worker is alive (see ichat.gateway.registry)."""
+
+    #: a worker is unhealthy after this many of its own heartbeat intervals without a beat
+    missed_heartbeats: int = attrs.field(default=3, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+    #: ... and forgotten (removed from the registry) after this long without a beat
+    evict_after_s: float = attrs.field(default=120.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: the gateway's own /health probe of every worker, catching a hung worker that still beats
+    probe_interval_s: float = attrs.field(default=2.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    probe_timeout_s: float = attrs.field(default=2.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: consecutive failed probes that take a worker out of rotation
+    probe_failures: int = attrs.field(default=2, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+
+
+@attrs.frozen
+class SupervisorSettings:
+    """How managed workers are stopped and restarted (see ichat.gateway.supervisor)."""
+
+    #: SIGTERM, then this long to drain, then SIGKILL of the process group
+    stop_timeout_s: float = attrs.field(default=30.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: restart backoff: initial * 2**(crashes-1), capped
+    backoff_initial_s: float = attrs.field(default=1.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    backoff_max_s: float = attrs.field(default=60.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: this many crashes within the window stop the restarts (a crash loop), until reload/launch
+    crash_loop_max: int = attrs.field(default=5, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+    crash_loop_window_s: float = attrs.field(default=600.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: a ready managed worker unhealthy for this long is killed and restarted (hung, not dead)
+    hung_restart_s: float = attrs.field(default=60.0, validator=_check(lambda v: v > 0, "a number > 0"))
+    #: a managed worker not ready after this long is killed and restarted (load can be slow)
+    start_timeout_s: float = attrs.field(default=900.0, validator=_check(lambda v: v > 0, "a number > 0"))
+
+
 # -- managed workers ---------------------------------------------------------------------------
 
 _FLAG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -248,9 +281,14 @@ class ManagedWorkerSpec:
     #: every other key of the entry: engine flags in vLLM snake_case naming
     engine_flags: dict[str, Any] = attrs.field(factory=dict, validator=_flag_values)
 
+    @property
+    def worker_id(self) -> str:
+        """Stable across restarts of the gateway and of the worker: one entry, one id."""
+        return "managed-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_name) + f"-{self.port}"
+
     def to_worker_argv(self) -> list[str]:
         argv = [
-            "--model", self.model_path,
+            "--model", os.path.expanduser(self.model_path),
             "--served-model-name", self.model_name,
             "--backend", self.backend,
             "--host", self.host,
@@ -281,9 +319,11 @@ class GatewayConfig:
     routing: RoutingSettings = attrs.Factory(RoutingSettings)
     auth: AuthSettings = attrs.Factory(AuthSettings)
     managed_workers: tuple[ManagedWorkerSpec, ...] = ()
-    #: where the gateway may persist state (admin-added workers), later issues
+    #: where the gateway persists state (workers launched through the admin API)
     state_dir: str | None = None
     logs: LogsSettings = attrs.Factory(LogsSettings)
+    registry: RegistrySettings = attrs.Factory(RegistrySettings)
+    supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
     #: where this config came from, for messages; not a key of the file
     source: str = attrs.field(default="<dict>", kw_only=True)
 
@@ -315,7 +355,33 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         data = YAML(typ="safe", pure=True).load(text)
     except YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from exc
-    return GatewayConfig.from_dict(data, source=source, environ=environ)
+    environ = os.environ if environ is None else environ
+    return GatewayConfig.from_dict(expand_env(data, environ, source), source=source, environ=environ)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, environ: Mapping[str, str], source: str = "<dict>", path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values (so one config file works on
+    every machine, e.g. ``model_path: ${ICHAT_MODELS_DIR}/smollm2-135m-instruct``)."""
+    if isinstance(data, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = environ.get(name)
+            if value is None:
+                if default is None:
+                    raise ConfigError(f"{source}: {path or '<top>'}: environment variable {name} is not set")
+                return default
+            return value
+
+        return _ENV_REF.sub(replace, data)
+    if isinstance(data, Mapping):
+        return {k: expand_env(v, environ, source, _join(path, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, environ, source, _join(path, i)) for i, v in enumerate(data)]
+    return data
 
 
 def structure_managed_worker(data: Any, where: str = "managed_workers") -> ManagedWorkerSpec:

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from ichat.config import GatewayConfig, load_config
 from ichat.errors import ConfigError
+from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.app import build_app
 
 log = logging.getLogger("ichat.gateway")
@@ -42,14 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config: GatewayConfig, host: str, port: int) -> None:
+async def serve(config: GatewayConfig, host: str, port: int, config_path: str | None = None) -> None:
     """Run until SIGINT/SIGTERM. Signal handlers only set an event; this coroutine stops."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    app = build_app(config)
+    app = build_app(config, config_path=config_path)
     debug = config.server_settings.log_level == "debug"
     runner = web.AppRunner(
         app,
@@ -64,6 +65,16 @@ async def serve(config: GatewayConfig, host: str, port: int) -> None:
         bound = [a for a in runner.addresses if isinstance(a, tuple)]
         actual_port = bound[0][1] if bound else port
         log.info("iChat gateway listening on http://%s:%d", host, actual_port)
+        auth = config.auth
+        log.info(
+            "client API keys: %s; admin key: %s; worker token: %s",
+            "on" if auth.api_keys else "off (open)",
+            "on" if auth.admin_key else ("client keys" if auth.api_keys else "off (open)"),
+            "on" if auth.worker_token else "off (any worker may register)",
+        )
+        # Managed workers run on this machine: they reach us on loopback unless we bound one address.
+        local = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        await app[CONTROL_KEY].start_managed(f"http://{local}:{actual_port}")
         await stop.wait()
         log.info("iChat gateway stopping")
     finally:
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or config.server_settings.host
     port = config.server_settings.port if args.port is None else args.port
     try:
-        _run(serve(config, host, port))
+        _run(serve(config, host, port, config_path=args.config))
     except ConfigError as err:
         print(f"ichat-gateway: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ the client session and the clock through them. Nothing lives at module level.
     AUTH_KEY    Authenticator       bearer-key rules by path prefix (``protect`` more prefixes)
     PROXY_KEY   Proxy               the data-plane handlers
     CLIENT_KEY  aiohttp.ClientSession  the one upstream session (exists while the app runs)
+    CONTROL_KEY ControlPlane        registry, managed workers, reloads (ichat.gateway.control)
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from ichat.errors import (
     error_body,
     to_json_bytes,
 )
+from ichat.gateway.admin import CONTROL_KEY
+from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
+from ichat.gateway.control import ControlPlane
 from ichat.gateway.proxy import Proxy
 from ichat.routing.table import Endpoint, RoutingTable
 
@@ -68,9 +72,11 @@ def build_app(
     *,
     clock: Clock = time.monotonic,
     rng: random.Random | None = None,
+    config_path: str | None = None,
 ) -> web.Application:
     """The gateway app. ``clock`` and ``rng`` are injectable for tests; policies and static
-    routes are checked here, so a bad name fails before the first request."""
+    routes are checked here, so a bad name fails before the first request. ``config_path`` is
+    watched and re-read on change or on ``POST /v1/admin/config/reload``."""
     routing = config.routing
     table = RoutingTable(
         routing.policy,
@@ -83,8 +89,24 @@ def build_app(
     rng = rng if rng is not None else random.Random()
 
     auth = Authenticator()
-    auth.protect("/v1/", config.auth.api_keys)
+    protect(auth, config)
     proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled)
+
+    def apply_settings(new: GatewayConfig) -> None:
+        """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
+        r = new.routing
+        table.configure(r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s)
+        for endpoint in [e for e in table.endpoints() if e.source == "route"]:
+            table.remove(endpoint.id)
+        for endpoint in static_endpoints(new.routes):
+            table.upsert(endpoint)
+        protect(auth, new)
+        proxy.retries = r.retries
+        proxy.forward_client_auth = not new.auth.enabled
+        if (new.server_settings.host, new.server_settings.port) != (config.server_settings.host, config.server_settings.port):
+            log.warning("server_settings.host/port changes need a gateway restart")
+
+    control = ControlPlane(config, table, clock=clock, config_path=config_path, apply_settings=apply_settings)
 
     app = web.Application(
         # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
@@ -97,7 +119,9 @@ def build_app(
     app[CLOCK_KEY] = clock
     app[AUTH_KEY] = auth
     app[PROXY_KEY] = proxy
+    app[CONTROL_KEY] = control
     app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(control_plane)
 
     router = app.router
     for path in PROXIED_ROUTES:
@@ -106,7 +130,29 @@ def build_app(
     # Model names may contain slashes (``Qwen/Qwen2-7B-Instruct``).
     router.add_get("/v1/models/{name:.+}", proxy.get_model)
     router.add_get("/health", health)
+    add_admin_routes(app)
     return app
+
+
+def protect(auth: Authenticator, config: GatewayConfig) -> None:
+    """Who may call what. Admin routes take the admin key, or the client keys when no admin key
+    is set; worker registration takes the cluster token; both open when nothing is set."""
+    keys = config.auth
+    auth.protect("/v1/", keys.api_keys)
+    admin_keys = [keys.admin_key] if keys.admin_key else list(keys.api_keys)
+    auth.protect("/v1/admin/", admin_keys)
+    auth.protect("/v1/logs/", admin_keys)
+    auth.protect("/v1/workers/", [keys.worker_token] if keys.worker_token else [])
+
+
+async def control_plane(app: web.Application) -> AsyncIterator[None]:
+    """Registry loops and managed workers live exactly as long as the app."""
+    control = app[CONTROL_KEY]
+    await control.start()
+    try:
+        yield
+    finally:
+        await control.close()
 
 
 def static_endpoints(routes: tuple[RouteSpec, ...]) -> list[Endpoint]:

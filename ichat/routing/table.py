@@ -102,6 +102,18 @@ class RoutingTable:
         for name in {default_policy, *self._per_model.values()}:
             policy_loader(name)
 
+    def configure(
+        self, default_policy: str, per_model: Mapping[str, str], *, failures_to_eject: int, cooldown_s: float
+    ) -> None:
+        """Apply new routing settings (config reload); endpoints and their live state stay."""
+        for name in {default_policy, *per_model.values()}:
+            self._load_policy(name)
+        self._default_policy = default_policy
+        self._per_model = dict(per_model)
+        self._failures_to_eject = failures_to_eject
+        self._cooldown_s = cooldown_s
+        self._policies.clear()  # re-created on the next request with the new names
+
     # -- membership ----------------------------------------------------------------------------
 
     def upsert(self, endpoint: Endpoint) -> Endpoint:

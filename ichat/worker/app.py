@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -236,7 +237,7 @@ async def handle_info(request: web.Request) -> web.Response:
 def describe(state: WorkerState) -> dict[str, Any]:
     options = state.options
     engine = state.engine
-    spec = getattr(engine, "spec", None)
+    spec = getattr(engine, "spec", None) or state.spec
     return {
         "worker_id": options.worker_id,
         "instance_id": state.instance_id,
@@ -247,6 +248,10 @@ def describe(state: WorkerState) -> dict[str, Any]:
         "port": options.port,
         "version": __version__,
         "inflight": state.inflight,
+        "pid": os.getpid(),
+        "model_path": spec.model_path if spec else None,
+        # set by the gateway's supervisor; lets a restarted gateway adopt this worker safely
+        "spec_digest": os.environ.get("ICHAT_SPEC_DIGEST"),
     }
 
 

@@ -1,0 +1,85 @@
+"""The supervisor's pure parts: the state machine and restart backoff, with a fake clock."""
+
+import pytest
+
+from ichat.config import ManagedWorkerSpec, SupervisorSettings
+from ichat.gateway import supervisor as sv
+
+SETTINGS = SupervisorSettings(backoff_initial_s=1, backoff_max_s=8, crash_loop_max=4, crash_loop_window_s=100)
+
+
+def test_happy_path_and_crash_restart_cycle():
+    state = sv.STOPPED
+    for nxt in (sv.STARTING, sv.READY, sv.UNHEALTHY, sv.READY, sv.CRASHED, sv.BACKING_OFF, sv.STARTING, sv.STOPPING, sv.STOPPED):
+        state = sv.transition(state, nxt)
+    assert state == sv.STOPPED
+
+
+@pytest.mark.parametrize(("src", "dst"), [(sv.STOPPED, sv.READY), (sv.STOPPED, sv.CRASHED), (sv.STOPPING, sv.READY), (sv.FAILED, sv.READY)])
+def test_invalid_transitions_are_refused(src, dst):
+    with pytest.raises(sv.InvalidTransition):
+        sv.transition(src, dst)
+
+
+def test_backoff_doubles_and_caps():
+    crashes, delays = [], []
+    for t in range(3):
+        crashes.append(float(t))
+        delays.append(sv.restart_delay(crashes, float(t), SETTINGS))
+    assert delays == [1, 2, 4]
+
+
+def test_crash_loop_gives_up_inside_the_window_only():
+    crashes = [0.0, 1.0, 2.0, 3.0]
+    assert sv.restart_delay(crashes, 3.0, SETTINGS) is None
+    # the same crashes, long ago: back to the initial delay
+    assert sv.restart_delay(crashes + [500.0], 500.0, SETTINGS) == 1
+
+
+def test_backoff_cap():
+    s = SupervisorSettings(backoff_initial_s=1, backoff_max_s=3, crash_loop_max=10)
+    assert sv.restart_delay([0, 1, 2, 3, 4], 4, s) == 3
+
+
+def test_exit_description():
+    assert sv.describe_exit(-9) == {"exit_code": None, "signal": "SIGKILL"}
+    assert sv.describe_exit(1) == {"exit_code": 1, "signal": None}
+
+
+def test_spec_digest_changes_with_the_spec():
+    a = ManagedWorkerSpec(model_name="m", model_path="/p", port=8001)
+    b = ManagedWorkerSpec(model_name="m", model_path="/p", port=8001, engine_flags={"max_model_len": 512})
+    assert sv.spec_digest(a) == sv.spec_digest(ManagedWorkerSpec(model_name="m", model_path="/p", port=8001))
+    assert sv.spec_digest(a) != sv.spec_digest(b)
+
+
+def test_gpu_ids_become_cuda_visible_devices(monkeypatch):
+    spec = ManagedWorkerSpec(model_name="m", model_path="/p", port=8001, gpu_ids=(1, 0))
+    worker = sv.ManagedWorker(spec, gateway_url="http://127.0.0.1:4000", settings=SETTINGS)
+    env = worker._env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,0"
+    argv = worker._argv()
+    assert argv[argv.index("--gateway-address") + 1] == "http://127.0.0.1:4000"
+    assert argv[argv.index("--worker-id") + 1] == "managed-m-8001"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    no_gpu = sv.ManagedWorker(ManagedWorkerSpec(model_name="m", model_path="/p", port=8002), gateway_url="x", settings=SETTINGS)
+    assert "CUDA_VISIBLE_DEVICES" not in no_gpu._env()
+
+
+def test_observe_marks_hung_worker_for_restart(monkeypatch):
+    now = [0.0]
+    worker = sv.ManagedWorker(
+        ManagedWorkerSpec(model_name="m", model_path="/p", port=8001), gateway_url="x",
+        settings=SupervisorSettings(hung_restart_s=10), clock=lambda: now[0],
+    )  # fmt: skip
+    killed = []
+    monkeypatch.setattr(worker, "_kill_group", lambda reason: killed.append(reason))
+    worker.state = sv.STARTING
+    worker.observe("ready", now[0])
+    assert worker.state == sv.READY
+    now[0] = 1.0
+    worker.observe("unhealthy", now[0])
+    assert worker.state == sv.UNHEALTHY and not killed
+    now[0] = 12.0
+    worker.observe("unhealthy", now[0])
+    assert killed and "unhealthy for" in killed[0]
