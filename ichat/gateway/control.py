@@ -28,7 +28,7 @@ import orjson
 
 from ichat.config import GatewayConfig, ManagedWorkerSpec, load_config, structure_managed_worker
 from ichat.errors import ConfigError, UnprocessableEntity
-from ichat.gateway.registry import Heartbeat, WorkerRecord, WorkerRegistry
+from ichat.gateway.registry import Heartbeat, WorkerRecord, WorkerRegistry, external_load
 from ichat.gateway.supervisor import RUNNING_STATES, ManagedWorker, Supervisor
 from ichat.routing.table import Endpoint, RoutingTable
 
@@ -137,6 +137,7 @@ class ControlPlane:
         return managed is None or managed.state in RUNNING_STATES
 
     def _sync(self, record: WorkerRecord, now: float) -> None:
+        current = self.table.get(record.worker_id)
         self.table.upsert(
             Endpoint(
                 id=record.worker_id,
@@ -144,7 +145,7 @@ class ControlPlane:
                 api_base=record.api_base,
                 backend=record.backend,
                 source=record.source,
-                reported_load=record.reported_load(),
+                reported_load=external_load(record.reported_load(), current.inflight if current else 0),
                 routable=self._routable(record, now),
             )
         )

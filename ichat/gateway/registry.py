@@ -70,6 +70,14 @@ class WorkerRecord:
         return int(self.load.get("running") or 0) + int(self.load.get("waiting") or 0)
 
 
+def external_load(reported: int, inflight_here: int) -> int:
+    """Pure: the part of a worker's reported load (running + waiting) that did not come from
+    this gateway. The worker counts our own in-flight requests too; adding its number to ours
+    would count them twice and, until the next beat, push traffic away from a replica that is
+    merely busy with our requests."""
+    return max(0, reported - inflight_here)
+
+
 @attrs.frozen
 class Heartbeat:
     """A validated heartbeat body."""

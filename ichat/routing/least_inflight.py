@@ -1,7 +1,8 @@
 """Send the request where the least work is queued; ties broken at random.
 
-Load = requests this gateway has in flight to the endpoint + what the endpoint last reported
-(running + waiting, from worker heartbeats), divided by the endpoint's weight. The random tie
+Load = requests this gateway has in flight to the endpoint + the load the endpoint last reported
+beyond this gateway's own requests (from heartbeats; see ichat.gateway.registry.external_load),
+divided by the endpoint's weight. The random tie
 break keeps several gateways (or a burst arriving at an idle pool) from all picking the first.
 """
 

@@ -42,7 +42,8 @@ class Endpoint:
     source: str = "route"
     #: requests this gateway has in flight to it
     inflight: int = 0
-    #: running + waiting requests the endpoint last reported (heartbeats)
+    #: running + waiting requests the endpoint last reported (heartbeats), less the ones this
+    #: gateway had in flight to it then: load from elsewhere
     reported_load: int = 0
     #: set by the registry (healthy and ready); static routes start routable
     routable: bool = True

@@ -4,7 +4,7 @@ import pytest
 
 from ichat.config import RegistrySettings
 from ichat.errors import InvalidRequest
-from ichat.gateway.registry import WorkerRegistry, parse_heartbeat
+from ichat.gateway.registry import WorkerRegistry, external_load, parse_heartbeat
 
 SETTINGS = RegistrySettings(missed_heartbeats=3, evict_after_s=60, probe_failures=2)
 
@@ -101,3 +101,9 @@ def test_bad_heartbeats_name_the_field(patch, param):
     with pytest.raises(InvalidRequest) as info:
         parse_heartbeat(body)
     assert info.value.param == param
+
+
+def test_external_load_leaves_out_our_own_requests():
+    assert external_load(reported=3, inflight_here=2) == 1
+    assert external_load(reported=1, inflight_here=4) == 0  # our requests finished since the beat
+    assert external_load(reported=5, inflight_here=0) == 5

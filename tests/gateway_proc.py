@@ -1,0 +1,49 @@
+"""A real gateway process for end-to-end tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ruamel.yaml import YAML
+
+from tests.procs import Proc, free_port, wait_until
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        YAML(typ="safe", pure=True).dump(data, f)
+
+
+class GatewayProc(Proc):
+    def __init__(self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway") -> None:
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp_dir / f"{name}.yaml"
+        config = dict(config)
+        config.setdefault("server_settings", {})
+        config["server_settings"] = {**config["server_settings"], "host": "127.0.0.1", "port": self.port}
+        config.setdefault("state_dir", str(tmp_dir / f"{name}-state"))
+        self.config = config
+        write_yaml(self.config_path, config)
+        argv = [sys.executable, "-m", "ichat.gateway", "--config", str(self.config_path)]
+        super().__init__(argv, tmp_dir / f"{name}-{self.port}.log")
+
+    def wait_up(self, timeout: float = 30.0) -> None:
+        def up() -> bool:
+            assert self.alive(), f"gateway exited with {self.popen.returncode}:\n{self.log_text()[-3000:]}"
+            return httpx.get(self.base_url + "/health", timeout=2).status_code == 200
+
+        wait_until(up, timeout, what="gateway /health")
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        data = httpx.get(self.base_url + "/v1/admin/workers", timeout=10).json()["data"]
+        return {w["worker_id"]: w for w in data}
+
+    def wait_routable(self, model: str, count: int, timeout: float) -> None:
+        def enough() -> bool:
+            return sum(1 for w in self.workers().values() if w["model_name"] == model and w.get("routable")) >= count
+
+        wait_until(enough, timeout, interval=0.2, what=f"{count} routable worker(s) for {model}")
