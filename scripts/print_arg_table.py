@@ -1,7 +1,7 @@
-"""Print the vLLM -> SGLang flag table (ichat/engines/args.py) as markdown, for docs/sglang.md.
+"""Print the vLLM -> SGLang flag table (ichat/engines/args.py) as markdown, for README.md.
 
 python scripts/print_arg_table.py            # print it
-python scripts/print_arg_table.py --write    # replace the table in docs/sglang.md
+python scripts/print_arg_table.py --write    # replace the table in README.md
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ichat.engines.args import markdown_table
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "sglang.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- arg-table:begin -->", "<!-- arg-table:end -->"
 
 
