@@ -109,6 +109,10 @@ def test_quickstart_config_serves_a_chat_completion(gateway):
     gateway.wait_routable("smollm2", 1, ENGINE_START_S)
     answer = client(gateway).chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
     assert "Paris" in answer.choices[0].message.content
+    stream = client(gateway).chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=20, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answer.choices[0].message.content
     view = gateway.workers()[managed_id(gateway)]
     assert view["source"] == "managed" and view["managed_state"] == "ready"
 
