@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,13 +100,23 @@ class Proc:
 
 
 class WorkerProc(Proc):
-    def __init__(self, tmp_dir: Path, model: str, name: str, *extra: str, port: int | None = None, env=None) -> None:
+    """``python -m ichat.worker``. ``backend="vllm"`` adds ``--enforce-eager`` (no graph capture:
+    a faster start on CPU); any other backend (``"stub"``) gets ``--backend NAME`` and no vLLM
+    flag, which its own parser would refuse. ``host`` is the bind address (default 127.0.0.1)."""
+
+    def __init__(
+        self, tmp_dir: Path, model: str, name: str, *extra: str, port: int | None = None, env=None,
+        backend: str = "vllm", host: str = "127.0.0.1",
+    ) -> None:
         self.port = port or free_port()
         self.name = name
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.base_url = f"http://{host}:{self.port}"
+        engine_flags = ["--enforce-eager"] if backend == "vllm" else ["--backend", backend]
+        bind = [] if host == "127.0.0.1" else ["--host", host]
         argv = [
             sys.executable, "-m", "ichat.worker", "--model", model, "--served-model-name", name,
-            "--port", str(self.port), "--enforce-eager", *extra,
+            "--port", str(self.port), *bind, *engine_flags, *extra,
         ]
         self.health_seen: list[int] = []
         super().__init__(argv, tmp_dir / f"worker-{name}-{self.port}.log", env)
@@ -120,3 +132,80 @@ class WorkerProc(Proc):
             return status == 200
 
         wait_until(ready, timeout, interval=0.25, what=f"worker {self.name} /health == 200")
+
+
+class TcpRelay:
+    """A TCP relay for cutting links on purpose: listens on ``listen``, forwards to ``target``.
+
+    ``cut()`` closes every relayed connection (both sides see the link drop); between
+    ``down()`` and ``up()`` new connections are accepted and closed at once, as a broken
+    network path would. Threads, so that synchronous tests can use it; ``close()`` stops it.
+    """
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.target = target
+        self.accepted = 0
+        self._server = socket.create_server(listen)
+        self._server.settimeout(0.2)
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._down = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_forever, name="tcp-relay", daemon=True)
+        self._thread.start()
+
+    def _accept_forever(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.accepted += 1
+            if self._down:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._pairs.append((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> int:
+        """Close every relayed connection now; returns how many there were."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        return len(pairs)
+
+    def down(self) -> None:
+        self._down = True
+        self.cut()
+
+    def up(self) -> None:
+        self._down = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._thread.join(2)
+        self._server.close()

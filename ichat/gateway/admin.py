@@ -95,6 +95,8 @@ async def delete_worker(request: web.Request) -> web.Response:
         return _json({"worker_id": worker_id, "removed": True, "managed": True, "message": note})
     if control.registry.get(worker_id) is not None:
         control.deregister(worker_id)
+        if control.collector is not None:
+            control.collector.forget(worker_id)
         return _json(
             {
                 "worker_id": worker_id,

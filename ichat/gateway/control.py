@@ -122,10 +122,8 @@ class ControlPlane:
         self.registry.remove(worker_id)
         self.table.remove(worker_id)
         if self.collector is not None:
-            if worker_id in self.supervisor.workers:
-                self.collector.unwatch(worker_id)  # a managed worker's logs stay with its stable id
-            else:
-                self.collector.forget(worker_id)
+            # its logs stay readable (a stopped worker is when they matter) until it is deleted
+            self.collector.unwatch(worker_id)
         log.info("worker %s deregistered", worker_id)
         return record
 

@@ -33,7 +33,7 @@ from ichat.errors import (
     to_json_bytes,
 )
 from ichat.logs.hub import LogHub
-from ichat.logs.sse import stream_hubs
+from ichat.logs.sse import end_streams_on_shutdown, stream_hubs
 from ichat.worker.cli import WorkerOptions
 
 log = logging.getLogger("ichat.worker")
@@ -267,4 +267,7 @@ def build_app(state: WorkerState, hub: LogHub) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/logs/stream", handle_logs)
     app.router.add_get("/info", handle_info)
+    # Log streams never end on their own: without this, SIGTERM would wait out the whole drain
+    # timeout for the gateway's open log connection.
+    end_streams_on_shutdown(app)
     return app
