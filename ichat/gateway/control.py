@@ -131,8 +131,11 @@ class ControlPlane:
         if not self.registry.is_routable(record, now):
             return False
         managed = self.supervisor.workers.get(record.worker_id)
-        # a managed process that exited is out at once, before its missed beats would tell
-        return managed is None or managed.state in RUNNING_STATES
+        if managed is None:
+            return True
+        # a managed process that exited is out at once, before its missed beats would tell;
+        # and the record of a process that is gone does not vouch for its replacement
+        return managed.state in RUNNING_STATES and (record.pid is None or record.pid == managed.pid)
 
     def _sync(self, record: WorkerRecord, now: float) -> None:
         current = self.table.get(record.worker_id)
@@ -166,7 +169,10 @@ class ControlPlane:
         for worker in self.supervisor.workers.values():
             record = self.registry.get(worker.worker_id)
             was = worker.state
-            worker.observe(self.registry.status(record, now) if record else None, now)
+            if record is None:
+                worker.observe(None, now)
+            else:
+                worker.observe(self.registry.status(record, now), now, registered_pid=record.pid)
             if worker.state == "ready" and was != "ready":
                 self._announce_ready(worker)
 
@@ -353,6 +359,7 @@ class ControlPlane:
                 "pid": record.pid,
                 "error": record.error,
                 "restarts": 0,
+                "registered": True,
             }
         for worker in self.supervisor.workers.values():
             view = views.setdefault(
@@ -366,12 +373,14 @@ class ControlPlane:
                     "state": worker.state,
                     "routable": False,
                     "heartbeat_age_s": None,
+                    "registered": False,
                     "gpus": [],
                 },
             )
             if worker.state not in ("ready",) and view.get("state") in ("ready", None):
                 view["state"] = worker.state
             view.update(
+                pid=worker.pid,
                 managed_state=worker.state,
                 restarts=worker.restarts,
                 last_exit=worker.last_exit,

@@ -153,9 +153,15 @@ class ManagedWorker:
         if message is not None:
             self.message = message
 
-    def observe(self, registry_status: str | None, now: float) -> None:
+    def observe(self, registry_status: str | None, now: float, registered_pid: int | None = None) -> None:
         """Feed the registry's view (ready/unhealthy/...) into the state machine; kill a worker
-        that is hung (unhealthy too long) or never gets ready, so it restarts."""
+        that is hung (unhealthy too long) or never gets ready, so it restarts.
+
+        A record from an earlier process of this worker (the beats of the instance that just
+        crashed are still fresh) says nothing about the new one: it counts only when its pid is
+        the one running now."""
+        if registered_pid is not None and self.pid is not None and registered_pid != self.pid:
+            registry_status = None
         if self.state == STARTING and registry_status == READY:
             self._set(READY)
         elif self.state == READY and registry_status in ("unhealthy", None):

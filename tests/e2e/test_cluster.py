@@ -286,7 +286,10 @@ def test_gateway_kill9_and_restart_adopts_and_reregisters(gateway, hand_worker, 
     up_at = time.monotonic()
     try:
         expected = set(views)
-        wait_until(lambda: expected <= set(restarted.workers()), INTERVAL + 1, interval=0.05, what="all workers back")
+        def registered() -> set[str]:
+            return {wid for wid, view in restarted.workers().items() if view.get("registered")}
+
+        wait_until(lambda: expected <= registered(), INTERVAL + 1, interval=0.05, what="all workers back")
         back_s = time.monotonic() - up_at
         print(f"\ngateway restart -> {len(expected)} workers back in {back_s:.2f}s")
         assert back_s <= INTERVAL + 0.5

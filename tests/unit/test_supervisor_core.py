@@ -83,3 +83,12 @@ def test_observe_marks_hung_worker_for_restart(monkeypatch):
     now[0] = 12.0
     worker.observe("unhealthy", now[0])
     assert killed and "unhealthy for" in killed[0]
+
+
+def test_a_record_of_the_crashed_process_does_not_make_its_replacement_ready():
+    worker = sv.ManagedWorker(ManagedWorkerSpec(model_name="m", model_path="/p", port=8001), gateway_url="x", settings=SETTINGS)
+    worker.state, worker.pid = sv.STARTING, 200
+    worker.observe("ready", 0.0, registered_pid=100)  # fresh beats, but from the old pid
+    assert worker.state == sv.STARTING
+    worker.observe("ready", 0.1, registered_pid=200)
+    assert worker.state == sv.READY
