@@ -4,8 +4,15 @@ We reuse vLLM's serving classes (templating, tools, logprobs, response_format, e
 only replace its FastAPI app with the worker's aiohttp routes. vLLM moves these internals
 between releases; :func:`_load_api` is the one place that knows where they live:
 
-- 0.32 (CPU build): ``vllm.entrypoints.launchers.{cli_args, api_server.entry, api_server.app_state}``
-- 0.26: ``vllm.entrypoints.openai.{cli_args, api_server}``
+- 0.32 (CPU build): ``vllm.entrypoints.launchers.{cli_args, api_server.app_state}``,
+  ``vllm.entrypoints.serve.exception_handling.error_response``
+- 0.26 (GPU run, see docs/gpu-run.md): ``vllm.entrypoints.openai.{cli_args, api_server}``,
+  ``vllm.entrypoints.serve.utils.error_response``
+
+Both keep the request classes in ``vllm.entrypoints.openai.{chat_completion,completion}.protocol``
+and ``AsyncLLM.from_vllm_config``/``init_app_state`` with the same arguments; ``ErrorResponse``
+is in ``vllm.entrypoints.serve.engine.protocol`` (0.32) or ``vllm.entrypoints.openai.engine.protocol`` (0.26).
+:data:`API_LOCATIONS` lists every place tried, newest first.
 
 vLLM is imported only when a worker parses its flags, never when the plugin is listed.
 """
@@ -75,6 +82,49 @@ class VLLMApi:
     create_error_response: Any
 
 
+#: Where each entry point lives, newest vLLM first; the first importable one wins.
+API_LOCATIONS: dict[str, list[tuple[str, str]]] = {
+    "FlexibleArgumentParser": [
+        ("vllm.utils.argparse_utils", "FlexibleArgumentParser"),  # 0.26, 0.32
+        ("vllm.utils", "FlexibleArgumentParser"),
+    ],
+    "make_arg_parser": [
+        ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),  # 0.32
+        ("vllm.entrypoints.openai.cli_args", "make_arg_parser"),  # 0.26
+    ],
+    "AsyncEngineArgs": [("vllm.engine.arg_utils", "AsyncEngineArgs")],
+    "AsyncLLM": [("vllm.v1.engine.async_llm", "AsyncLLM")],
+    "UsageContext": [("vllm.usage.usage_lib", "UsageContext")],
+    "init_app_state": [
+        ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state"),  # 0.32
+        ("vllm.entrypoints.openai.api_server", "init_app_state"),  # 0.26 (0.32: deprecated re-export)
+    ],
+    "ChatCompletionRequest": [
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),  # 0.26, 0.32
+        ("vllm.entrypoints.openai.protocol", "ChatCompletionRequest"),
+    ],
+    "CompletionRequest": [
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),  # 0.26, 0.32
+        ("vllm.entrypoints.openai.protocol", "CompletionRequest"),
+    ],
+    "EmbeddingRequest": [
+        ("vllm.entrypoints.pooling.embed.protocol", "EmbeddingRequest"),  # 0.26, 0.32
+        ("vllm.entrypoints.openai.protocol", "EmbeddingRequest"),
+    ],
+    "ErrorResponse": [
+        ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),  # 0.32
+        ("vllm.entrypoints.openai.engine.protocol", "ErrorResponse"),  # 0.26
+        ("vllm.entrypoints.openai.protocol", "ErrorResponse"),
+    ],
+}
+
+#: Optional: without it, exceptions map to 400/500 by type (see ``VLLMEngine._translate_exception``).
+ERROR_FACTORY_LOCATIONS: list[tuple[str, str]] = [
+    ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),  # 0.32
+    ("vllm.entrypoints.serve.utils.error_response", "create_error_response"),  # 0.26
+]
+
+
 def _load_api() -> VLLMApi:
     try:
         vllm = importlib.import_module("vllm")
@@ -83,54 +133,13 @@ def _load_api() -> VLLMApi:
     try:
         from pydantic import TypeAdapter
 
-        embedding_request = _first_attr(
-            [
-                ("vllm.entrypoints.pooling.embed.protocol", "EmbeddingRequest"),
-                ("vllm.entrypoints.openai.protocol", "EmbeddingRequest"),
-            ]
-        )
+        found = {name: _first_attr(candidates) for name, candidates in API_LOCATIONS.items()}
+        # A union type in recent vLLM: validate through a TypeAdapter in every version.
+        found["EmbeddingRequest"] = TypeAdapter(found["EmbeddingRequest"])
         return VLLMApi(
             version=getattr(vllm, "__version__", "unknown"),
-            FlexibleArgumentParser=_first_attr(
-                [("vllm.utils.argparse_utils", "FlexibleArgumentParser"), ("vllm.utils", "FlexibleArgumentParser")]
-            ),
-            make_arg_parser=_first_attr(
-                [
-                    ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
-                    ("vllm.entrypoints.openai.cli_args", "make_arg_parser"),
-                ]
-            ),
-            AsyncEngineArgs=_first_attr([("vllm.engine.arg_utils", "AsyncEngineArgs")]),
-            AsyncLLM=_first_attr([("vllm.v1.engine.async_llm", "AsyncLLM")]),
-            UsageContext=_first_attr([("vllm.usage.usage_lib", "UsageContext")]),
-            init_app_state=_first_attr(
-                [
-                    ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state"),
-                    ("vllm.entrypoints.openai.api_server", "init_app_state"),
-                ]
-            ),
-            ChatCompletionRequest=_first_attr(
-                [
-                    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
-                    ("vllm.entrypoints.openai.protocol", "ChatCompletionRequest"),
-                ]
-            ),
-            CompletionRequest=_first_attr(
-                [
-                    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
-                    ("vllm.entrypoints.openai.protocol", "CompletionRequest"),
-                ]
-            ),
-            # A union type in recent vLLM: validate through a TypeAdapter in every version.
-            EmbeddingRequest=TypeAdapter(embedding_request),
-            ErrorResponse=_first_attr(
-                [
-                    ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
-                    ("vllm.entrypoints.openai.engine.protocol", "ErrorResponse"),
-                    ("vllm.entrypoints.openai.protocol", "ErrorResponse"),
-                ]
-            ),
             create_error_response=_optional_error_factory(),
+            **found,
         )
     except ImportError as exc:
         raise EngineUnavailable(
@@ -141,11 +150,7 @@ def _load_api() -> VLLMApi:
 
 def _optional_error_factory() -> Any:
     try:
-        return _first_attr(
-            [
-                ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),
-            ]
-        )
+        return _first_attr(ERROR_FACTORY_LOCATIONS)
     except ImportError:
         return None
 
