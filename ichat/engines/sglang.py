@@ -99,7 +99,7 @@ class SGLangEngineFactory:
         parser = argparse.ArgumentParser(
             prog="python -m ichat.worker --backend sglang",
             usage="%(prog)s --model PATH [engine flags...]  (all of them: --help)",
-            description="SGLang engine flags: vLLM's names are translated (README, "SGLang backend"), SGLang's own pass through.",
+            description="SGLang engine flags: vLLM's names are translated (see README, SGLang backend), SGLang's own pass through.",
         )
         ServerArgs.add_cli_args(parser)
         return parser, ServerArgs
