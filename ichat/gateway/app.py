@@ -12,6 +12,8 @@ the client session and the clock through them. Nothing lives at module level.
     PROXY_KEY   Proxy               the data-plane handlers
     CLIENT_KEY  aiohttp.ClientSession  the one upstream session (exists while the app runs)
     CONTROL_KEY ControlPlane        registry, managed workers, reloads (ichat.gateway.control)
+    METRICS_KEY GatewayMetrics      counters behind GET /metrics; ``add_source`` adds series (ichat.gateway.metrics)
+    LOGS_KEY    LogCollector        workers' logs and /v1/logs/stream (ichat.gateway.logs)
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
 from ichat.gateway.control import ControlPlane
+from ichat.gateway.logs import setup_logs
+from ichat.gateway.metrics import METRICS_KEY, GatewayMetrics, metrics_handler
 from ichat.gateway.proxy import Proxy
 from ichat.routing.table import Endpoint, RoutingTable
 
@@ -90,7 +94,8 @@ def build_app(
 
     auth = Authenticator()
     protect(auth, config)
-    proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled)
+    metrics = GatewayMetrics(table)
+    proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled, metrics=metrics)
 
     def apply_settings(new: GatewayConfig) -> None:
         """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
@@ -119,8 +124,11 @@ def build_app(
     app[CLOCK_KEY] = clock
     app[AUTH_KEY] = auth
     app[PROXY_KEY] = proxy
+    app[METRICS_KEY] = metrics
     app[CONTROL_KEY] = control
+    metrics.add_source(control.metric_samples)  # workers by state, heartbeat age, restarts
     app.cleanup_ctx.append(client_session)
+    control.collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
     app.cleanup_ctx.append(control_plane)
 
     router = app.router
@@ -130,6 +138,7 @@ def build_app(
     # Model names may contain slashes (``Qwen/Qwen2-7B-Instruct``).
     router.add_get("/v1/models/{name:.+}", proxy.get_model)
     router.add_get("/health", health)
+    router.add_get("/metrics", metrics_handler)
     add_admin_routes(app)
     return app
 
@@ -203,6 +212,7 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         proxy.session = None
+        proxy.close()  # the proxy's own keep-alive connections (ichat.gateway.upstream)
         await session.close()
 
 

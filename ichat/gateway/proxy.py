@@ -7,6 +7,11 @@ whole and returned in one write (fewer syscalls); streams (``text/event-stream``
 and large bodies are relayed chunk by chunk, ``StreamResponse.write`` pushing back on a slow
 client.
 
+Upstream calls go through :mod:`ichat.gateway.upstream`: a small keep-alive HTTP/1.1 client
+for ``http://`` upstreams (the common case: the request head is built here from the client's
+raw header bytes, in one pass), the aiohttp session for anything else. Both raise that
+module's errors, so the failure handling below is written once.
+
 Failures, by when they happen:
 
 * before the upstream's response headers (connect error, connection reset), or a 502/503
@@ -18,12 +23,15 @@ Failures, by when they happen:
 * the client goes away: the upstream connection is closed at once (the handler is cancelled,
   or the next write fails), so the worker aborts the engine's work.
 
-Client-facing messages name models, never upstream addresses.
+Every answer is counted in :class:`~ichat.gateway.metrics.GatewayMetrics` (model, endpoint,
+status, duration, time to the upstream's first byte), and so are retries, ejections and
+upstream errors by kind. Client-facing messages name models, never upstream addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -33,17 +41,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import (
-    ClientError,
-    ClientResponse,
-    ClientSession,
-    ClientTimeout,
-    ConnectionTimeoutError,
-    ServerTimeoutError,
-    web,
-)
-from aiohttp import ClientConnectorError as _ConnectError
+from aiohttp import ClientSession, ClientTimeout, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from ichat.config import RoutingSettings
 from ichat.errors import (
@@ -55,6 +55,18 @@ from ichat.errors import (
     UpstreamError,
     UpstreamTimeout,
     sse_error_event,
+)
+from ichat.gateway.metrics import CLIENT_CLOSED, NO_ENDPOINT, UNKNOWN_MODEL, GatewayMetrics
+from ichat.gateway.upstream import (
+    AiohttpResponse,
+    ConnectFailed,
+    Pool,
+    RawHeaders,
+    ReadTimeout,
+    UpstreamClient,
+    UpstreamFailure,
+    UpstreamResponse,
+    aiohttp_request,
 )
 from ichat.routing.policy import RequestInfo
 from ichat.routing.table import Endpoint, RoutingTable
@@ -73,10 +85,16 @@ HOP_BY_HOP = (
     "Transfer-Encoding",
     "Upgrade",
 )
-# Host and Content-Length are the client session's to set; Authorization is set per endpoint.
-_DROP_FROM_REQUEST = (*HOP_BY_HOP, "Host", "Content-Length", "Authorization")
+# Host and Content-Length are the upstream request's own; Authorization is set per endpoint;
+# X-Request-Id is the client's or ours, set once; Expect: the gateway already has the body;
+# Content-Encoding: aiohttp's server inflates a gzip/deflate/br request body before the proxy
+# reads it (and the proxy parsed it as JSON or a form), so what goes upstream is plain.
+_DROP_FROM_REQUEST = frozenset(
+    n.lower().encode()
+    for n in (*HOP_BY_HOP, "Host", "Content-Length", "Authorization", "X-Request-Id", "Expect", "Content-Encoding")
+)
 # Content-Length is recomputed (or the body is re-chunked); Date and Server are our own.
-_DROP_FROM_RESPONSE = (*HOP_BY_HOP, "Content-Length", "Date", "Server")
+_DROP_FROM_RESPONSE = frozenset(n.lower().encode() for n in (*HOP_BY_HOP, "Content-Length", "Date", "Server", "X-Request-Id"))
 
 #: statuses meaning "this endpoint cannot serve right now": try another one
 RETRY_STATUSES = frozenset({502, 503})
@@ -84,10 +102,39 @@ MAX_MODELS_IN_MESSAGE = 20
 #: answers with a Content-Length up to this size are read whole and sent in one write;
 #: larger ones (audio, big embedding batches) are relayed in pieces to bound memory
 WHOLE_BODY_MAX = 4 * 2**20
+#: idle keep-alive connections to an upstream are reused for this long (seconds)
+UPSTREAM_KEEPALIVE_S = 60.0
+_TARGET_CACHE_SIZE = 256
+
+
+class _Target:
+    """Where an ``api_base`` points, resolved once: a pool of the small client, or None for
+    the aiohttp fallback (``https://``)."""
+
+    __slots__ = ("pool", "path_prefix", "host_line")
+
+    def __init__(self, pool: Pool | None, path_prefix: str, host_line: bytes) -> None:
+        self.pool = pool
+        #: the api_base's path (normally ``/v1``); the client path after ``/v1`` is appended
+        self.path_prefix = path_prefix
+        self.host_line = host_line
+
+
+class _Exchange:
+    """What the metrics need to know about one request, filled in as it goes."""
+
+    __slots__ = ("model", "endpoint", "status", "first_byte")
+
+    def __init__(self) -> None:
+        self.model = UNKNOWN_MODEL
+        self.endpoint = NO_ENDPOINT
+        self.status = 500
+        self.first_byte: float | None = None
 
 
 class Proxy:
-    """Handlers of the data plane. One per app; ``session`` is set when the app starts."""
+    """Handlers of the data plane. One per app; ``session`` (the aiohttp fallback) is set when
+    the app starts, and :meth:`close` closes the small client's connections when it stops."""
 
     def __init__(
         self,
@@ -97,6 +144,8 @@ class Proxy:
         rng: random.Random,
         clock: Callable[[], float],
         forward_client_auth: bool,
+        metrics: GatewayMetrics | None = None,
+        keepalive_s: float = UPSTREAM_KEEPALIVE_S,
     ) -> None:
         self.table = table
         self.rng = rng
@@ -107,14 +156,53 @@ class Proxy:
         # sock_read bounds the wait for the response headers (first byte) and each gap between
         # chunks afterwards; total (0 = none) bounds the whole exchange, stream included.
         self.timeout = ClientTimeout(total=t.total_s or None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
+        self.upstreams = UpstreamClient(
+            connect_timeout=t.connect_s,
+            read_timeout=t.first_byte_s,
+            total_timeout=t.total_s or None,
+            keepalive_s=keepalive_s,
+        )
         #: with gateway auth on, the client's key is ours and must not travel upstream
         self.forward_client_auth = forward_client_auth
+        self.metrics = metrics if metrics is not None else GatewayMetrics(table)
         self.session: ClientSession | None = None
         self.started = int(time.time())
+        self._targets: dict[str, _Target] = {}
+        # Request ids: a random per-process prefix and a counter. Unique is all they need to
+        # be, and os.urandom per request is a system call.
+        self._id_prefix = os.urandom(6).hex().encode()
+        self._id_counter = itertools.count(1)
+
+    def close(self) -> None:
+        """Close every upstream connection of the small client (the app is stopping)."""
+        self.upstreams.close()
+        self._targets.clear()
 
     # -- POST /v1/... ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        exchange = _Exchange()
+        try:
+            return await self._handle(request, exchange)
+        except IChatError as err:
+            exchange.status = err.status
+            raise
+        except asyncio.CancelledError:
+            exchange.status = CLIENT_CLOSED
+            raise
+        finally:
+            end = time.perf_counter()
+            first_byte = exchange.first_byte
+            self.metrics.request_done(
+                exchange.model,
+                exchange.endpoint,
+                exchange.status,
+                end - start,
+                None if first_byte is None else first_byte - start,
+            )
+
+    async def _handle(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
         path = request.path
         if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
             # /v1/audio/{tail} would otherwise reach the upstream's non-OpenAI routes.
@@ -124,10 +212,13 @@ class Proxy:
         table = self.table
         if not table.has_model(model):
             raise ModelNotFound(self._unknown_model_message(model), param="model")
+        exchange.model = model
 
-        request_id = request.headers.get("X-Request-Id") or os.urandom(12).hex()
-        headers = upstream_headers(request.headers, request_id)
-        client_auth = request.headers.get("Authorization") if self.forward_client_auth else None
+        forwarded, client_auth, request_id = split_request_headers(request.raw_headers)
+        if not request_id:
+            request_id = b"%s%012x" % (self._id_prefix, next(self._id_counter))
+        if not self.forward_client_auth:
+            client_auth = None
         info = RequestInfo(model, path, len(body), stream)
         policy = table.policy_for(model)
 
@@ -139,15 +230,23 @@ class Proxy:
                 candidates = [ep for ep in candidates if ep not in tried]
             if not candidates:
                 break
+            if attempt:
+                self.metrics.retried(model)
             endpoint = policy.select(candidates, info, self.rng)
             tried.append(endpoint)
-            auth = endpoint.authorization or client_auth
-            if auth:
-                headers["Authorization"] = auth
-            else:
-                headers.popall("Authorization", None)
+            exchange.endpoint = endpoint.id
+            auth = endpoint.authorization
             may_retry = attempt < self.retries and len(candidates) > 1
-            outcome = await self._attempt(request, endpoint, body, headers, request_id, may_retry)
+            outcome = await self._attempt(
+                request,
+                exchange,
+                endpoint,
+                body,
+                forwarded,
+                auth.encode("latin-1") if auth else client_auth,
+                request_id,
+                may_retry,
+            )
             if not isinstance(outcome, IChatError):
                 return outcome
             error = outcome
@@ -176,46 +275,87 @@ class Proxy:
         shown = ", ".join(names[:MAX_MODELS_IN_MESSAGE]) + (", ..." if len(names) > MAX_MODELS_IN_MESSAGE else "")
         return f"The model '{model}' does not exist. Available models: {shown or '(none)'}."
 
-    async def _attempt(
+    def _target(self, api_base: str) -> _Target:
+        target = self._targets.get(api_base)
+        if target is None:
+            if len(self._targets) >= _TARGET_CACHE_SIZE:
+                self._targets.clear()
+            url = URL(api_base)
+            pool = None
+            if url.scheme == "http" and url.host:
+                pool = self.upstreams.pool(url.host, url.port or 80)
+            host = url.raw_host or ""
+            if ":" in host:
+                host = f"[{host}]"  # IPv6 literal
+            if url.explicit_port:
+                host += f":{url.port}"
+            target = self._targets[api_base] = _Target(pool, url.raw_path.rstrip("/"), b"Host: %s\r\n" % host.encode())
+        return target
+
+    async def _send_via_session(
         self,
         request: web.Request,
         endpoint: Endpoint,
         body: bytes,
-        headers: CIMultiDict[str],
-        request_id: str,
+        forwarded: list[tuple[bytes, bytes]],
+        auth: bytes | None,
+        request_id: bytes,
+    ) -> AiohttpResponse:
+        """The fallback for upstreams the small client does not speak to (``https://``)."""
+        if self.session is None:
+            raise ConnectFailed("the gateway's client session is not running")
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in forwarded
+        )
+        headers["X-Request-Id"] = request_id.decode("latin-1")
+        if auth:
+            headers["Authorization"] = auth.decode("latin-1")
+        rel = request.rel_url
+        url = endpoint.url(rel.raw_path, rel.raw_query_string)
+        return await aiohttp_request(self.session, request.method, url, headers, body)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        endpoint: Endpoint,
+        body: bytes,
+        forwarded: list[tuple[bytes, bytes]],
+        auth: bytes | None,
+        request_id: bytes,
         may_retry: bool,
     ) -> web.StreamResponse | IChatError:
         """Send the request to one endpoint. Returns the client's response, or the error to
         report if no other endpoint succeeds (meaning: nothing was sent to the client, retry)."""
-        table = self.table
-        assert self.session is not None, "the app's client session starts with the app"
-        rel_url = request.rel_url
-        url = endpoint.url(rel_url.raw_path, rel_url.raw_query_string)
+        target = self._target(endpoint.api_base)
         endpoint.inflight += 1
-        upstream = None
+        upstream: UpstreamResponse | AiohttpResponse | None = None
         try:
             try:
-                upstream = await self.session.request(request.method, url, data=body, headers=headers)
-            except (ConnectionTimeoutError, _ConnectError) as exc:
-                table.record_failure(endpoint, self.clock())
-                _log_failure(endpoint, "unreachable", exc)
+                if target.pool is not None:
+                    head = request_head(request, target, forwarded, auth, request_id, len(body))
+                    upstream = await self.upstreams.request(target.pool, head, body, method_head=request.method == "HEAD")
+                else:
+                    upstream = await self._send_via_session(request, endpoint, body, forwarded, auth, request_id)
+            except ConnectFailed as exc:
+                self._failed(endpoint, exchange, exc.kind, "unreachable", exc)
                 return UpstreamError(f"{_server(endpoint)} could not be reached.")
-            except (ServerTimeoutError, asyncio.TimeoutError) as exc:
-                table.record_failure(endpoint, self.clock())
-                _log_failure(endpoint, "timed out before answering", exc)
+            except ReadTimeout as exc:
+                self._failed(endpoint, exchange, exc.kind, "timed out before answering", exc)
                 raise UpstreamTimeout(f"{_server(endpoint)} did not answer in time.") from exc
-            except ClientError as exc:
-                table.record_failure(endpoint, self.clock())
-                _log_failure(endpoint, "failed before answering", exc)
+            except UpstreamFailure as exc:
+                self._failed(endpoint, exchange, exc.kind, "failed before answering", exc)
                 return UpstreamError(f"{_server(endpoint)} closed the connection.")
 
-            if upstream.status in RETRY_STATUSES:
-                table.record_failure(endpoint, self.clock())
+            exchange.first_byte = time.perf_counter()
+            status = upstream.status
+            if status in RETRY_STATUSES:
+                self._failed(endpoint, exchange, f"status_{status}", f"answered {status}", None)
                 if may_retry:
-                    return UpstreamError(f"{_server(endpoint)} is unavailable (HTTP {upstream.status}).")
-            else:
-                table.record_success(endpoint)
-            return await self._relay(request, upstream, endpoint, request_id)
+                    return UpstreamError(f"{_server(endpoint)} is unavailable (HTTP {status}).")
+            elif endpoint.failures or endpoint.ejected_until:
+                self.table.record_success(endpoint)  # closes the breaker; skipped when already closed
+            return await self._relay(request, exchange, upstream, endpoint, request_id.decode("latin-1"))
         finally:
             endpoint.inflight -= 1
             if upstream is not None:
@@ -224,16 +364,22 @@ class Proxy:
                 upstream.close()
 
     async def _relay(
-        self, request: web.Request, upstream: ClientResponse, endpoint: Endpoint, request_id: str
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        upstream: UpstreamResponse | AiohttpResponse,
+        endpoint: Endpoint,
+        request_id: str,
     ) -> web.StreamResponse:
         headers = response_headers(upstream.headers, request_id)
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        sse = upstream.content_type.startswith(b"text/event-stream")
         length = upstream.content_length
+        exchange.status = upstream.status
         if length is not None and length <= WHOLE_BODY_MAX and not sse:
             try:
                 data = await upstream.read()
-            except (ClientError, asyncio.TimeoutError) as exc:
-                raise self._upstream_broke(endpoint, exc) from exc
+            except UpstreamFailure as exc:
+                raise self._upstream_broke(endpoint, exchange, exc) from exc
             return web.Response(body=data, status=upstream.status, reason=upstream.reason, headers=headers)
 
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -242,13 +388,13 @@ class Proxy:
         try:
             await out.prepare(request)
         except ConnectionError:
+            exchange.status = CLIENT_CLOSED
             return out  # the client left before the headers went out
-        content = upstream.content
         while True:
             try:
-                chunk = await content.readany()
-            except (ClientError, asyncio.TimeoutError) as exc:
-                err = self._upstream_broke(endpoint, exc)
+                chunk = await upstream.read_chunk()
+            except UpstreamFailure as exc:
+                err = self._upstream_broke(endpoint, exchange, exc)
                 await self._end_broken_stream(request, out, err, sse)
                 return out
             if not chunk:
@@ -256,17 +402,26 @@ class Proxy:
             try:
                 await out.write(chunk)
             except ConnectionError:
+                exchange.status = CLIENT_CLOSED
                 return out  # the client left; _attempt's finally closes the upstream
         try:
             await out.write_eof()
         except ConnectionError:
-            pass
+            exchange.status = CLIENT_CLOSED
         return out
 
-    def _upstream_broke(self, endpoint: Endpoint, exc: BaseException) -> IChatError:
-        self.table.record_failure(endpoint, self.clock())
-        _log_failure(endpoint, "broke mid-response", exc)
-        if isinstance(exc, asyncio.TimeoutError):
+    def _failed(self, endpoint: Endpoint, exchange: _Exchange, kind: str, what: str, exc: BaseException | None) -> None:
+        """Charge ``endpoint`` a failure (the circuit breaker counts it) and count its kind."""
+        metrics = self.metrics
+        if self.table.record_failure(endpoint, self.clock()):
+            metrics.ejected(exchange.model, endpoint.id)
+        metrics.upstream_error(exchange.model, endpoint.id, kind)
+        if exc is not None:
+            _log_failure(endpoint, what, exc)
+
+    def _upstream_broke(self, endpoint: Endpoint, exchange: _Exchange, exc: UpstreamFailure) -> IChatError:
+        self._failed(endpoint, exchange, "broken_stream", "broke mid-response", exc)
+        if isinstance(exc, ReadTimeout):
             return UpstreamTimeout(f"{_server(endpoint)} stopped sending in time.")
         return UpstreamError(f"{_server(endpoint)} closed the connection mid-response.")
 
@@ -384,27 +539,75 @@ def form_fields(body: bytes, boundary: bytes, names: tuple[bytes, ...]) -> dict[
     return found
 
 
-def _drop(headers: CIMultiDict[str], names: tuple[str, ...]) -> None:
-    # Connection may name further hop-by-hop headers of this one hop.
-    connection = headers.get("Connection")
-    if connection:
-        for token in connection.split(","):
-            token = token.strip()
-            if token:
-                headers.popall(token, None)
-    for name in names:
-        headers.popall(name, None)
+def request_head(
+    request: web.Request,
+    target: _Target,
+    forwarded: list[tuple[bytes, bytes]],
+    auth: bytes | None,
+    request_id: bytes,
+    body_length: int,
+) -> bytes:
+    """The upstream request's head, bytes ready for the wire."""
+    raw_path = request.raw_path
+    if not raw_path.startswith("/v1/"):  # an absolute-form request target; rare
+        rel = request.rel_url
+        raw_path = rel.raw_path + (f"?{rel.raw_query_string}" if rel.raw_query_string else "")
+    return b"%s %s HTTP/1.1\r\n%s%s%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n" % (
+        request.method.encode("ascii"),
+        (target.path_prefix + raw_path[3:]).encode("utf-8", "surrogateescape"),
+        target.host_line,
+        b"".join([name + b": " + value + b"\r\n" for name, value in forwarded]),
+        b"Authorization: " + auth + b"\r\n" if auth else b"",
+        request_id,
+        body_length,
+    )
 
 
-def upstream_headers(client_headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    headers = CIMultiDict(client_headers)
-    _drop(headers, _DROP_FROM_REQUEST)
-    headers["X-Request-Id"] = request_id
-    return headers
+def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
+    """Header names a ``Connection`` header declares hop-by-hop (RFC 9110 §7.6.1)."""
+    tokens = into if into is not None else set()
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            tokens.add(token)
+    return tokens
 
 
-def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    headers = CIMultiDict(upstream)
-    _drop(headers, _DROP_FROM_RESPONSE)
-    headers["X-Request-Id"] = request_id
-    return headers
+def split_request_headers(raw: RawHeaders) -> tuple[list[tuple[bytes, bytes]], bytes | None, bytes | None]:
+    """The client's headers to forward as they came (bytes, in order), and apart from them
+    its Authorization and X-Request-Id values. Hop-by-hop headers, and those its Connection
+    header names, are dropped."""
+    kept = []
+    auth = request_id = None
+    hop: set[bytes] | None = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _DROP_FROM_REQUEST:
+            if lower == b"authorization":
+                auth = value
+            elif lower == b"x-request-id":
+                request_id = value
+            elif lower == b"connection":
+                hop = _connection_tokens(value, hop)
+            continue
+        kept.append((name, value))
+    if hop:
+        kept = [(name, value) for name, value in kept if name.lower() not in hop]
+    return kept, auth, request_id
+
+
+def response_headers(raw: RawHeaders, request_id: str) -> list[tuple[str, str]]:
+    """The upstream's headers for the client: hop-by-hop ones dropped, X-Request-Id ours."""
+    out = []
+    hop: set[bytes] | None = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _DROP_FROM_RESPONSE:
+            if lower == b"connection":
+                hop = _connection_tokens(value, hop)
+            continue
+        out.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+    if hop:
+        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in hop]
+    out.append(("X-Request-Id", request_id))
+    return out

@@ -168,3 +168,18 @@ async def test_external_load_steers_least_inflight(gateway, fake_upstream):
     for _ in range(5):
         await client.post("/v1/chat/completions", json=chat())
     assert (a.hits, b.hits) == (0, 5)
+
+
+async def test_gateway_metrics_show_workers_by_state_and_heartbeat_age(gateway, fake_upstream, clock):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fake = await fake_upstream("w1")
+    client = await gateway({})
+    await client.post("/v1/workers/heartbeat", json=beat_for(fake))
+    clock.now += 1.5
+    samples = {}
+    for family in text_string_to_metric_families(await (await client.get("/metrics")).text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("ichat_gateway_workers", (("state", "ready"),))] == 1
+    assert samples[("ichat_gateway_worker_heartbeat_age_seconds", (("model", "m"), ("worker", "w1")))] == 1.5

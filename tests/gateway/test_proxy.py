@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import socket
 import time
@@ -14,10 +15,25 @@ import orjson
 import pytest
 
 from ichat.gateway.app import TABLE_KEY
-from ichat.gateway.proxy import form_fields
+from ichat.gateway.proxy import Proxy, _Target, form_fields
 from .fakes import FakeClock, FakeUpstream, MakeGateway, MakeUpstream
 
 CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(autouse=True, params=["small-client", "aiohttp-fallback"])
+def upstream_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs through both upstream clients: the proxy's own (plain http://) and the
+    aiohttp session it falls back to for anything else (https://)."""
+    if request.param == "aiohttp-fallback":
+        resolve = Proxy._target
+
+        def fallback(self: Proxy, api_base: str) -> _Target:
+            target = resolve(self, api_base)
+            return _Target(None, target.path_prefix, target.host_line)
+
+        monkeypatch.setattr(Proxy, "_target", fallback)
+    return request.param
 
 
 def routes(model: str, *upstreams: FakeUpstream | str, **extra: Any) -> list[dict[str, Any]]:
@@ -180,6 +196,17 @@ async def test_client_key_reaches_keyless_upstream_only_when_gateway_auth_is_off
         config["auth"] = {"api_keys": ["client-key"]}
     await (await gateway(config)).post(CHAT, json={"model": "m"}, headers={"Authorization": "Bearer client-key"})
     assert ("Authorization" in a.requests[0]["headers"]) is not auth_on
+
+
+async def test_compressed_request_body_goes_upstream_inflated(fake_upstream: MakeUpstream, gateway: MakeGateway):
+    a = await fake_upstream("a")
+    client = await gateway({"routes": routes("m", a)})
+    raw = orjson.dumps({"model": "m", "input": "x" * 1000})
+    resp = await client.post(
+        "/v1/embeddings", data=gzip.compress(raw), headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert resp.status == 200 and (await resp.json())["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert "Content-Encoding" not in a.requests[0]["headers"]  # the body the upstream got is plain
 
 
 async def test_compressed_answer_is_relayed_as_is(fake_upstream: MakeUpstream, gateway: MakeGateway):

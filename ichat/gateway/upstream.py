@@ -1,0 +1,753 @@
+"""The proxy's upstream HTTP/1.1 client: keep-alive connections on asyncio protocols.
+
+Why not ``aiohttp.ClientSession`` for everything: profiling the gateway at concurrency 32 put
+most of a proxied request's CPU inside ``ClientSession._request`` (request and response
+objects, header multidicts, payload registry, timers, a StreamReader per answer), for a
+request whose bytes the proxy already has and an answer it relays untouched. This client does
+the least that forwarding needs: one pre-built request head plus the body in one write, a
+response parser that only frames (status line, headers, then ``Content-Length``, ``chunked``
+or read-until-close), and per-host pools of idle keep-alive connections. Plain ``http://``
+upstreams (the workers) use it; anything else (``https://``) goes through the aiohttp
+session, wrapped to look the same (:class:`AiohttpResponse`).
+
+Errors, translated here once (``raise ... from exc``) so that the proxy sees only these:
+
+    UpstreamFailure           .kind names the ``ichat_gateway_upstream_errors_total`` label
+    ├── ConnectFailed         "connect": no TCP connection (refused, unreachable, timed out)
+    ├── ReadTimeout           "timeout": no answer within ``read_timeout``, or past ``total``
+    └── ConnectionBroken      "reset":   closed or reset before or while answering
+        └── ProtocolError               an answer that is not HTTP/1.x as we can frame it
+
+Connection reuse: an idle connection the upstream closed is dropped from its pool when the
+loop sees the close, so the next request opens a new one. When the close crosses our request
+on the wire (the upstream's keep-alive timer fired just as we sent), the request fails with
+no byte of answer; on a *reused* connection that one case is retried once on a fresh
+connection, because the upstream never read it. The proxy itself already treats "reset before
+the first byte" as retryable, so this retry only keeps that race out of the failure counts.
+
+Backpressure: a response buffers at most ``HIGH_WATER`` bytes its reader has not taken; past
+that the connection stops reading from the socket until the reader catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+#: an answer's head (status line and headers) larger than this is refused
+MAX_HEAD = 64 * 1024
+#: unread bytes a response buffers before the connection pauses reading
+HIGH_WATER = 256 * 1024
+#: bodies up to this size are appended to the head in one write; larger ones go as a second buffer
+_JOIN_BODY_MAX = 64 * 1024
+
+
+class UpstreamFailure(Exception):
+    kind = "reset"
+
+
+class ConnectFailed(UpstreamFailure):
+    kind = "connect"
+
+
+class ReadTimeout(UpstreamFailure):
+    kind = "timeout"
+
+
+class ConnectionBroken(UpstreamFailure):
+    kind = "reset"
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        #: whether any byte of the answer had arrived
+        self.answered = answered
+
+
+class ProtocolError(ConnectionBroken):
+    pass
+
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+# Parser states
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(9)
+
+
+class UpstreamResponse:
+    """An answer being received. ``read()`` the whole body, or ``read_chunk()`` until b"".
+
+    ``close()`` when done with it: a no-op once the body was read to the end (the connection
+    went back to its pool then); otherwise it closes the connection, which tells the upstream
+    to stop working on the request.
+    """
+
+    __slots__ = (
+        "status", "reason", "headers", "content_length", "content_type", "chunked", "keep_alive",
+        "_conn", "_loop", "_pieces", "_buffered", "_done", "_exc", "_waiter",
+    )  # fmt: skip
+
+    def __init__(self, conn: _Connection) -> None:
+        self.status = 0
+        self.reason = ""
+        #: (name, value) pairs as received, hop-by-hop ones included
+        self.headers: RawHeaders = ()
+        self.content_length: int | None = None
+        #: the Content-Type header, lower-cased (b"" when absent)
+        self.content_type = b""
+        self.chunked = False
+        self.keep_alive = True
+        self._conn: _Connection | None = conn
+        # The connection's loop, kept: asyncio.get_running_loop() costs a getpid() call on 3.11.
+        self._loop = conn.loop
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        self._done = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        while not self._done:
+            if self._exc is not None:
+                raise self._exc
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if self._exc is not None:
+            raise self._exc
+        pieces = self._pieces
+        self._pieces = []
+        self._buffered = 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def read_chunk(self) -> bytes:
+        """Every body byte that has arrived since the last call (waiting for at least one);
+        b"" at the end of the body."""
+        while not self._pieces:
+            if self._exc is not None:
+                raise self._exc
+            if self._done:
+                return b""
+            # Inline, not a helper coroutine: this wait is paid once per streamed chunk.
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        pieces = self._pieces
+        self._pieces = []
+        self._buffered = 0
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def close(self) -> None:
+        conn = self._conn
+        if conn is not None and not self._done:
+            self._conn = None
+            conn.abort()
+
+    # -- fed by the connection ---------------------------------------------------------------
+
+    def _feed(self, piece: bytes) -> None:
+        self._pieces.append(piece)
+        self._buffered += len(piece)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._buffered > HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._conn = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._conn = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request at a time (no pipelining)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.state = _IDLE
+        self.reusable = True
+        self.paused = False
+        self.idle_since = 0.0
+        self._buf = b""
+        self._remaining = 0  # body bytes (Content-Length) or chunk bytes still to come
+        self._answered = False
+        self._request_is_head = False
+        self._last_data = 0.0  # loop time of the last byte received (read timeout)
+        self._deadline = 0.0  # loop time by which the whole answer must be in (total timeout)
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Relay each piece at once: Nagle would hold a small request or SSE event back
+            # until the previous segment is acknowledged (tens of ms on some stacks).
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.reusable = False
+        self.pool.forget(self)
+        state = self.state
+        if state == _IDLE:
+            return
+        if state == _UNTIL_CLOSE:
+            self._complete()
+            return
+        if state == _DONE:
+            return
+        what = "before answering" if state == _HEAD and not self._answered else "mid-response"
+        detail = f": {exc}" if exc else ""
+        self._fail(ConnectionBroken(f"upstream closed the connection {what}{detail}", answered=self._answered))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None or self.state == _DONE:
+            # Bytes nobody asked for: the upstream is out of step with us. Never reuse.
+            self.abort()
+            return
+        self._answered = True
+        self._last_data = self.loop.time()
+        try:
+            if self.state == _HEAD:
+                data = self._parse_head(data)
+            if data:
+                self._parse_body(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            self.abort()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes, deadline: float, method_head: bool) -> UpstreamResponse:
+        assert self.transport is not None and self.state == _IDLE
+        response = self.response = UpstreamResponse(self)
+        self.head_waiter = self.loop.create_future()
+        self.state = _HEAD
+        self._answered = False
+        self._request_is_head = method_head
+        self._deadline = deadline
+        self._last_data = self.loop.time()
+        self.pool.watch(self)
+        if len(body) <= _JOIN_BODY_MAX:
+            self.transport.write(head + body if body else head)
+        else:
+            self.transport.writelines((head, body))
+        return response
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._last_data = self.loop.time()  # the read timeout counts from here again
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close now, discarding unsent bytes: the upstream sees the request abandoned."""
+        self.reusable = False
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        elif self.state not in (_IDLE, _DONE):
+            self._fail(ConnectionBroken("connection closed"))
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _parse_head(self, data: bytes) -> bytes:
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0 or end > MAX_HEAD:
+                if len(buf) > MAX_HEAD:
+                    raise ProtocolError("upstream response head is too large")
+                self._buf = buf
+                return b""
+            self._buf = b""
+            response = self.response
+            assert response is not None
+            _parse_response_head(buf[:end], response)
+            buf = buf[end + 4 :]
+            if 100 <= response.status < 200 and response.status != 101:
+                continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            break
+        if response.status == 101:
+            raise ProtocolError("upstream switched protocols")
+        if not response.keep_alive:
+            self.reusable = False
+        if self._request_is_head or response.status in (204, 304):
+            self.state = _DONE
+        elif response.chunked:
+            self.state = _CHUNK_SIZE
+        elif response.content_length is not None:
+            self._remaining = response.content_length
+            self.state = _LENGTH if self._remaining else _DONE
+        else:
+            self.state = _UNTIL_CLOSE
+            self.reusable = False
+        waiter = self.head_waiter
+        self.head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        if self.state == _DONE:
+            if buf:
+                raise ProtocolError("upstream sent bytes after a bodiless answer")
+            self._complete()
+        return buf
+
+    def _parse_body(self, data: bytes) -> None:
+        response = self.response
+        assert response is not None
+        state = self.state
+        if state == _LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                response._feed(data)
+                return
+            if len(data) > remaining:
+                # The answer is whole; what follows it is garbage: never reuse this connection.
+                data = data[:remaining]
+                self.reusable = False
+            response._feed(data)
+            self._complete()
+            return
+        if state == _UNTIL_CLOSE:
+            response._feed(data)
+            return
+        self._parse_chunks(data, response)
+
+    def _parse_chunks(self, data: bytes, response: UpstreamResponse) -> None:
+        # Hot for streams: one pass, chunk data sliced out and fed to the response once per read.
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        pos, end = 0, len(buf)
+        state = self.state
+        remaining = self._remaining
+        parts = []
+        while pos < end:
+            if state == _CHUNK_DATA:
+                if remaining >= end - pos:  # this read ends inside the chunk (or at its end)
+                    parts.append(buf[pos:] if pos else buf)
+                    remaining -= end - pos
+                    pos = end
+                    if remaining:
+                        break
+                else:
+                    parts.append(buf[pos : pos + remaining])
+                    pos += remaining
+                    remaining = 0
+                state = _CHUNK_END
+            elif state == _CHUNK_END:
+                if end - pos < 2:
+                    self._buf = buf[pos:]
+                    break
+                if not buf.startswith(b"\r\n", pos):
+                    raise ProtocolError("upstream chunk data overran its size")
+                pos += 2
+                state = _CHUNK_SIZE
+            else:
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
+                    if end - pos > 4096:
+                        raise ProtocolError("upstream chunk framing line is too long")
+                    self._buf = buf[pos:]
+                    break
+                if state == _CHUNK_SIZE:
+                    semicolon = buf.find(b";", pos, line_end)  # a chunk extension: ignored
+                    size_text = buf[pos:line_end] if semicolon < 0 else buf[pos:semicolon].rstrip(b" \t")
+                    pos = line_end + 2
+                    if not size_text or size_text.strip(_HEX_DIGITS):
+                        raise ProtocolError("upstream sent a bad chunk size")
+                    remaining = int(size_text, 16)
+                    state = _CHUNK_DATA if remaining else _TRAILERS
+                else:  # _TRAILERS: lines until an empty one; trailers are dropped
+                    empty = line_end == pos
+                    pos = line_end + 2
+                    if empty:
+                        if pos != end:
+                            self.reusable = False  # bytes after a whole answer: never reuse
+                        if parts:
+                            response._feed(parts[0] if len(parts) == 1 else b"".join(parts))
+                        self._complete()
+                        return
+        self.state = state
+        self._remaining = remaining
+        if parts:
+            response._feed(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        self.state = _DONE
+        self.pool.unwatch(self)
+        response = self.response
+        self.response = None
+        if response is not None:
+            response._finish()
+        transport = self.transport
+        if transport is None:
+            return
+        if not self.reusable or transport.get_write_buffer_size():
+            # An answer that came before our request body was all sent (an early 413, say):
+            # the rest of the body would be read as the next request. Never reuse.
+            transport.close()
+            return
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        self.state = _IDLE
+        self.pool.release(self)
+
+    def _fail(self, exc: UpstreamFailure) -> None:
+        self.state = _DONE
+        self.reusable = False
+        self.pool.unwatch(self)
+        waiter = self.head_waiter
+        self.head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        response = self.response
+        self.response = None
+        if response is not None:
+            response._fail(exc)
+
+    def check_timeouts(self, now: float, read_timeout: float) -> None:
+        """Called by the pool's sweeper while a request is in flight."""
+        if self.state in (_IDLE, _DONE):
+            self.pool.unwatch(self)
+            return
+        if now >= self._deadline:
+            self._fail(ReadTimeout("upstream exceeded the request's total time"))
+        elif self.paused:
+            self._last_data = now  # our reader is slow, not the upstream
+            return
+        elif now - self._last_data >= read_timeout:
+            what = "answer" if self.state == _HEAD else "send more"
+            self._fail(ReadTimeout(f"upstream did not {what} within {read_timeout:g} s"))
+        else:
+            return
+        self.abort()
+
+
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _CONTENT_TYPE = 1, 2, 3, 4
+#: the headers the parser acts on (looked up once per header line)
+_FRAMING = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"content-type": _CONTENT_TYPE,
+}
+
+
+def _parse_response_head(head: bytes, response: UpstreamResponse) -> None:
+    lines = head.split(b"\r\n")
+    status_line = lines[0]
+    version = status_line[:8]
+    code = status_line[9:12]
+    if (
+        (version != b"HTTP/1.1" and version != b"HTTP/1.0")
+        or status_line[8:9] != b" "
+        or not code.isdigit()
+        or status_line[12:13] not in (b" ", b"")
+    ):
+        raise ProtocolError("upstream did not answer with HTTP/1.x")
+    response.status = int(code)
+    response.reason = status_line[13:].decode("latin-1")
+    keep_alive = version == b"HTTP/1.1"
+    length: int | None = None
+    chunked = False
+    content_type = b""
+    headers = []
+    framing = _FRAMING.get
+    del lines[0]
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        # No name, whitespace before the colon, or an obsolete folded line: RFC 9112 §5.
+        if not sep or name[-1:] in b" \t" or line[0] in b" \t":
+            raise ProtocolError("upstream sent a malformed header line")
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        kind = framing(name.lower())
+        if kind is None:
+            continue
+        if kind == _CONTENT_LENGTH:
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise ProtocolError("upstream sent a bad Content-Length")
+            length = int(value)
+        elif kind == _CONTENT_TYPE:
+            content_type = value.lower()
+        elif kind == _TRANSFER_ENCODING:
+            if value.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise ProtocolError("upstream sent a transfer coding other than chunked")
+            chunked = True
+        else:  # Connection
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+    if chunked:
+        length = None  # RFC 9112 §6.3: Transfer-Encoding wins over Content-Length
+    response.headers = headers
+    response.content_length = length
+    response.content_type = content_type
+    response.chunked = chunked
+    response.keep_alive = keep_alive
+
+
+class Pool:
+    """Keep-alive connections to one ``host:port``: the idle ones (most recently used last),
+    and the busy ones, whose timeouts one sweeper checks for all (a timer per request would
+    cost more than the rest of the client's bookkeeping)."""
+
+    def __init__(
+        self, host: str, port: int, *, connect_timeout: float, read_timeout: float, total_timeout: float | None, keepalive_s: float
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        self.keepalive_s = keepalive_s
+        #: how often busy connections are checked: timeouts fire at most this late
+        self.sweep_every = min(1.0, read_timeout / 4, (total_timeout or 4.0) / 4)
+        self.loop = asyncio.get_running_loop()
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self._busy: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def take_idle(self) -> _Connection | None:
+        """The most recently used idle connection still open, if any."""
+        idle = self._idle
+        if idle:
+            now = self.loop.time()
+            while idle:
+                conn = idle.pop()
+                transport = conn.transport
+                if transport is not None and not transport.is_closing() and now - conn.idle_since < self.keepalive_s:
+                    return conn
+                self._discard(conn)
+        return None
+
+    async def connect(self) -> _Connection:
+        if self.closed:
+            raise ConnectFailed("the gateway is shutting down")
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: _Connection(self), self.host, self.port),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError as exc:
+            raise ConnectFailed(f"no connection within {self.connect_timeout:g} s") from exc
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect: {exc.strerror or exc}") from exc
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: _Connection) -> None:
+        if self.closed:
+            self._discard(conn)
+            return
+        now = self.loop.time()
+        conn.idle_since = now
+        idle = self._idle
+        # Amortized expiry: the least recently used connection goes once it idled too long.
+        if idle and now - idle[0].idle_since >= self.keepalive_s:
+            self._discard(idle.pop(0))
+        idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        """``conn`` closed (while idle: the upstream's keep-alive timer, a restart)."""
+        self._all.discard(conn)
+        self._busy.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _discard(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
+
+    # -- timeouts of requests in flight --------------------------------------------------------
+
+    def watch(self, conn: _Connection) -> None:
+        self._busy.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.sweep_every, self._sweep)
+
+    def unwatch(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        read_timeout = self.read_timeout
+        for conn in list(self._busy):
+            conn.check_timeouts(now, read_timeout)
+        if self._busy:
+            self._sweeper = self.loop.call_later(self.sweep_every, self._sweep)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()
+        self._all.clear()
+        self._busy.clear()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+
+class UpstreamClient:
+    """Pools by ``(host, port)``, and the request entry point for plain-HTTP upstreams."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float, total_timeout: float | None, keepalive_s: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        self.keepalive_s = keepalive_s
+        self._pools: dict[tuple[str, int], Pool] = {}
+
+    def pool(self, host: str, port: int) -> Pool:
+        """The pool for ``host:port`` (made on first use; needs the running loop)."""
+        key = (host, port)
+        pool = self._pools.get(key)
+        if pool is None or pool.closed:
+            pool = self._pools[key] = Pool(
+                host,
+                port,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+                total_timeout=self.total_timeout,
+                keepalive_s=self.keepalive_s,
+            )
+        return pool
+
+    async def request(self, pool: Pool, head: bytes, body: bytes, *, method_head: bool = False) -> UpstreamResponse:
+        """Send ``head`` (a complete request head, ``Content-Length`` included) and ``body``;
+        return once the answer's head arrived. Raises :class:`UpstreamFailure`."""
+        total = pool.total_timeout
+        deadline = pool.loop.time() + total if total else float("inf")
+        conn = pool.take_idle()
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = await pool.connect()
+            response = conn.send(head, body, deadline, method_head)
+            waiter = conn.head_waiter
+            assert waiter is not None  # set by send(); nothing can answer before we await it
+            try:
+                await waiter
+            except ConnectionBroken as exc:
+                if reused and not exc.answered and type(exc) is ConnectionBroken:
+                    # The upstream closed this idle connection just as we sent: it never read
+                    # the request. Once, on a new connection.
+                    conn, reused = None, False
+                    continue
+                raise
+            except BaseException:
+                conn.abort()  # cancelled (the client left): the upstream must see it at once
+                raise
+            return response
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+# -- the aiohttp fallback (https, anything the small client does not speak) ---------------------
+
+
+class AiohttpResponse:
+    """An ``aiohttp.ClientResponse`` behind :class:`UpstreamResponse`'s interface, with its
+    errors translated to ours."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers: RawHeaders = response.raw_headers
+        self.content_length = response.content_length
+        self.content_type = response.headers.get("Content-Type", "").lower().encode("latin-1", "replace")
+        self.chunked = response.headers.get("Transfer-Encoding", "").lower().endswith("chunked")
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _translate(exc, answered=True) from exc
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _translate(exc, answered=True) from exc
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def _translate(exc: BaseException, *, answered: bool) -> UpstreamFailure:
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError)):
+        return ConnectFailed(str(exc))
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+        return ReadTimeout(str(exc) or "upstream did not answer in time")
+    return ConnectionBroken(f"{type(exc).__name__}: {exc}", answered=answered)
+
+
+async def aiohttp_request(
+    session: aiohttp.ClientSession, method: str, url: str, headers: Any, body: bytes
+) -> AiohttpResponse:
+    try:
+        response = await session.request(method, url, data=body, headers=headers)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise _translate(exc, answered=False) from exc
+    return AiohttpResponse(response)
