@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -35,6 +36,7 @@ from ichat.errors import (
 from ichat.logs.hub import LogHub
 from ichat.logs.sse import end_streams_on_shutdown, stream_hubs
 from ichat.worker.cli import WorkerOptions
+from ichat.worker.gpus import gpu_inventory
 
 log = logging.getLogger("ichat.worker")
 
@@ -77,11 +79,33 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.up = Gauge("ichat_worker_ready", "1 when the engine serves", registry=self.registry)
+        gpu_labels = ["index", "uuid", "name"]
+        self.gpu_memory_used = Gauge(
+            "ichat_worker_gpu_memory_used_bytes", "Memory in use on a GPU this worker sees (NVML)", gpu_labels, registry=self.registry
+        )
+        self.gpu_memory_total = Gauge(
+            "ichat_worker_gpu_memory_total_bytes", "Memory of a GPU this worker sees (NVML)", gpu_labels, registry=self.registry
+        )
+        self.gpu_utilization = Gauge(
+            "ichat_worker_gpu_utilization_ratio", "Compute utilization of a GPU this worker sees (NVML)", gpu_labels, registry=self.registry
+        )
+
+    def set_gpus(self, gpus: list[dict[str, Any]]) -> None:
+        """Replace the GPU series with the current inventory (no GPUs: no series)."""
+        for gauge in (self.gpu_memory_used, self.gpu_memory_total, self.gpu_utilization):
+            gauge.clear()
+        for gpu in gpus:
+            labels = (str(gpu["index"]), gpu["uuid"], gpu["name"])
+            self.gpu_memory_used.labels(*labels).set(gpu["memory_used_mib"] * 2**20)
+            self.gpu_memory_total.labels(*labels).set(gpu["memory_total_mib"] * 2**20)
+            if gpu.get("utilization_pct") is not None:
+                self.gpu_utilization.labels(*labels).set(gpu["utilization_pct"] / 100)
 
 
 WORKER_STATE = web.AppKey("worker_state", WorkerState)
 WORKER_METRICS = web.AppKey("worker_metrics", WorkerMetrics)
 LOG_HUB = web.AppKey("log_hub", LogHub)
+GPU_INVENTORY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("gpu_inventory")
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -212,6 +236,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[WORKER_STATE]
     metrics = request.app[WORKER_METRICS]
     metrics.up.set(1 if state.phase == READY else 0)
+    metrics.set_gpus(await asyncio.to_thread(request.app[GPU_INVENTORY]))  # NVML calls block
     engine_text = b""
     if state.engine is not None:
         unfinished = getattr(state.engine, "unfinished_requests", None)
@@ -255,8 +280,11 @@ def describe(state: WorkerState) -> dict[str, Any]:
     }
 
 
-def build_app(state: WorkerState, hub: LogHub) -> web.Application:
+def build_app(
+    state: WorkerState, hub: LogHub, gpu_inventory: Callable[[], list[dict[str, Any]]] = gpu_inventory
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[GPU_INVENTORY] = gpu_inventory
     app[WORKER_STATE] = state
     app[WORKER_METRICS] = WorkerMetrics()
     app[LOG_HUB] = hub
