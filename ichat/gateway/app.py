@@ -107,6 +107,7 @@ def build_app(
             table.upsert(endpoint)
         protect(auth, new)
         proxy.retries = r.retries
+        proxy.apply_timeouts(r.timeouts)
         proxy.forward_client_auth = not new.auth.enabled
         if (new.server_settings.host, new.server_settings.port) != (config.server_settings.host, config.server_settings.port):
             log.warning("server_settings.host/port changes need a gateway restart")

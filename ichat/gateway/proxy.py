@@ -173,6 +173,13 @@ class Proxy:
         self._id_prefix = os.urandom(6).hex().encode()
         self._id_counter = itertools.count(1)
 
+    def apply_timeouts(self, t: Any) -> None:
+        """New ``routing.timeouts`` (config reload); requests already running keep theirs."""
+        self.timeout = ClientTimeout(total=t.total_s or None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
+        self.upstreams.connect_timeout = t.connect_s
+        self.upstreams.read_timeout = t.first_byte_s
+        self.upstreams.total_timeout = t.total_s or None
+
     def close(self) -> None:
         """Close every upstream connection of the small client (the app is stopping)."""
         self.upstreams.close()
@@ -312,7 +319,7 @@ class Proxy:
             headers["Authorization"] = auth.decode("latin-1")
         rel = request.rel_url
         url = endpoint.url(rel.raw_path, rel.raw_query_string)
-        return await aiohttp_request(self.session, request.method, url, headers, body)
+        return await aiohttp_request(self.session, request.method, url, headers, body, self.timeout)
 
     async def _attempt(
         self,

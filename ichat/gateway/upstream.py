@@ -744,10 +744,18 @@ def _translate(exc: BaseException, *, answered: bool) -> UpstreamFailure:
 
 
 async def aiohttp_request(
-    session: aiohttp.ClientSession, method: str, url: str, headers: Any, body: bytes
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: Any,
+    body: bytes,
+    timeout: aiohttp.ClientTimeout | None = None,
 ) -> AiohttpResponse:
     try:
-        response = await session.request(method, url, data=body, headers=headers)
+        if timeout is None:
+            response = await session.request(method, url, data=body, headers=headers)
+        else:
+            response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise _translate(exc, answered=False) from exc
     return AiohttpResponse(response)

@@ -183,3 +183,26 @@ async def test_gateway_metrics_show_workers_by_state_and_heartbeat_age(gateway, 
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     assert samples[("ichat_gateway_workers", (("state", "ready"),))] == 1
     assert samples[("ichat_gateway_worker_heartbeat_age_seconds", (("model", "m"), ("worker", "w1")))] == 1.5
+
+
+async def test_applied_config_changes_routes_policies_and_timeouts(gateway, fake_upstream):
+    from ichat.config import GatewayConfig
+    from ichat.gateway.app import PROXY_KEY
+
+    a, b = await fake_upstream("a"), await fake_upstream("b")
+    client = await gateway({"routes": [{"model_name": "old", "api_base": a.api_base}]})
+    new = GatewayConfig.from_dict(
+        {
+            "routes": [{"model_name": "new", "api_base": b.api_base}],
+            "routing": {"policy": "round_robin", "retries": 0, "timeouts": {"connect_s": 1, "first_byte_s": 7, "total_s": 0}},
+        },
+        source="new.yaml",
+        environ={},
+    )
+    summary = await client.app[CONTROL_KEY].apply(new)
+    assert summary["routes"] == 1
+    assert (await client.post("/v1/chat/completions", json=chat("old"))).status == 404
+    assert (await client.post("/v1/chat/completions", json=chat("new"))).status == 200 and b.hits == 1
+    proxy = client.app[PROXY_KEY]
+    assert (proxy.retries, proxy.upstreams.read_timeout, proxy.upstreams.total_timeout) == (0, 7, None)
+    assert proxy.timeout.sock_read == 7
