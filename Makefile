@@ -30,7 +30,7 @@ test: setup models sglang-args-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider -m e2e --durations=15 $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup sglang-args-venv
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 run: setup models
@@ -44,4 +44,4 @@ bench: setup
 	@$(PY) benchmarks/gateway_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-sglang-args .pytest_cache
