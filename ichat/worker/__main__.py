@@ -11,7 +11,7 @@ import sys
 
 from aiohttp import web
 
-from ichat.engines import installed_engines, load_engine_factory
+from ichat.engines import load_engine_factory
 from ichat.engines.base import EngineFactory, EngineSpec
 from ichat.errors import EngineUnavailable
 from ichat.logs.hub import LogHub
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         factory = load_engine_factory(options.backend)
         spec = factory.parse_args(engine_argv, served_model_name=options.served_model_name)
     except EngineUnavailable as exc:
-        return _fail(f"{exc.message} (installed engines: {', '.join(installed_engines())})")
+        return _fail(exc.message)
 
     hub = LogHub(options.log_lines, worker_id=options.worker_id)
     capture = None
