@@ -21,21 +21,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from ichat.config import GatewayConfig, RouteSpec
-from ichat.errors import (
-    IChatError,
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    error_body,
-    to_json_bytes,
-)
 from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
@@ -43,6 +34,7 @@ from ichat.gateway.control import ControlPlane
 from ichat.gateway.logs import setup_logs
 from ichat.gateway.metrics import METRICS_KEY, GatewayMetrics, metrics_handler
 from ichat.gateway.proxy import Proxy
+from ichat.httperrors import error_middleware
 from ichat.routing.table import Endpoint, RoutingTable
 
 log = logging.getLogger(__name__)
@@ -117,7 +109,7 @@ def build_app(
     app = web.Application(
         # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
         client_max_size=routing.max_body_bytes,
-        middlewares=[error_middleware, auth.middleware()],
+        middlewares=[error_middleware("gateway", log), auth.middleware()],
     )
     app[CONFIG_KEY] = config
     app[TABLE_KEY] = table
@@ -219,43 +211,3 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
 
 async def health(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type="application/json")
-
-
-def error_response(err: IChatError) -> web.Response:
-    response = web.Response(
-        body=to_json_bytes(err), status=err.status, content_type="application/json", headers=err.headers()
-    )
-    if isinstance(err, PayloadTooLarge):
-        # Don't drain the rest of a huge upload just to keep the connection alive.
-        response.force_close()
-    return response
-
-
-_HTTP_ERRORS: dict[int, type[IChatError]] = {400: InvalidRequest, 404: NotFound, 413: PayloadTooLarge}
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as an OpenAI-shaped body; unexpected ones are logged, not shown."""
-    try:
-        return await handler(request)
-    except IChatError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        cls = _HTTP_ERRORS.get(exc.status)
-        if cls is PayloadTooLarge:
-            return error_response(PayloadTooLarge("Request body is larger than the gateway's limit."))
-        if cls is NotFound:
-            return error_response(NotFound(f"No route for {request.method} {request.path}."))
-        if cls is not None:
-            return error_response(cls(exc.reason))
-        body = orjson.dumps(error_body(exc.reason, "invalid_request_error", exc.status))
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        return web.Response(body=body, status=exc.status, content_type="application/json", headers=headers)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(IChatError("Internal error in the gateway; see its log."))

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -26,13 +26,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ichat import __version__
 from ichat.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, JSONResult, RequestContext
 from ichat.errors import (
-    IChatError,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     ServiceUnavailable,
-    to_json_bytes,
 )
+from ichat.httperrors import error_middleware
 from ichat.logs.hub import LogHub
 from ichat.logs.sse import end_streams_on_shutdown, stream_hubs
 from ichat.worker.cli import WorkerOptions
@@ -110,33 +108,6 @@ GPU_INVENTORY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("gpu_
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
-
-
-def _error_response(err: IChatError) -> web.Response:
-    return web.Response(
-        status=err.status, body=to_json_bytes(err), content_type="application/json", headers=err.headers()
-    )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    try:
-        return await handler(request)
-    except IChatError as err:
-        return _error_response(err)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return _error_response(PayloadTooLarge(f"request body is larger than {exc.max_size} bytes"))
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return _error_response(NotFound(f"no route {request.method} {request.path}"))
-        if exc.status == 405:
-            return _error_response(InvalidRequest(f"method {request.method} not allowed on {request.path}"))
-        raise
-    except (ConnectionResetError, web.HTTPException):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(IChatError("internal error in the worker; see its logs"))
 
 
 def _ready_engine(state: WorkerState) -> Engine:
@@ -283,7 +254,7 @@ def describe(state: WorkerState) -> dict[str, Any]:
 def build_app(
     state: WorkerState, hub: LogHub, gpu_inventory: Callable[[], list[dict[str, Any]]] = gpu_inventory
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[error_middleware("worker", log)], client_max_size=MAX_BODY_BYTES)
     app[GPU_INVENTORY] = gpu_inventory
     app[WORKER_STATE] = state
     app[WORKER_METRICS] = WorkerMetrics()

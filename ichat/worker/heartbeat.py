@@ -48,7 +48,6 @@ async def build_payload(state: WorkerState) -> dict[str, Any]:
             load.update(running=engine_load.running, waiting=engine_load.waiting, kv_cache_usage=engine_load.kv_cache_usage)
     spec = getattr(engine, "spec", None) or state.spec
     payload.update(
-        model_path=spec.model_path if spec else None,
         served_model_names=list(spec.served_model_names) if spec else options.served_model_name,
         engine_args=list(spec.canonical_args) if spec else [],
         heartbeat_interval=options.heartbeat_interval,

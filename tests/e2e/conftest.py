@@ -1,6 +1,6 @@
 import pytest
 
-from tests.procs import WorkerProc, minilm_path, smollm2_path
+from tests.procs import WorkerProc, minilm_path
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,61 @@
+"""Turning iChat errors into HTTP answers: the one place both the gateway and the worker use.
+
+Every error leaves as an OpenAI-shaped body (``ichat.errors``); aiohttp's own HTTP exceptions
+(no route, wrong method, body too large) are translated the same way; anything unexpected is
+logged with its traceback and answered with a 500 that shows none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from ichat.errors import IChatError, InvalidRequest, NotFound, PayloadTooLarge, error_body, to_json_bytes
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_ERRORS: dict[int, type[IChatError]] = {400: InvalidRequest, 404: NotFound, 413: PayloadTooLarge}
+
+
+def error_response(err: IChatError) -> web.Response:
+    response = web.Response(
+        body=to_json_bytes(err), status=err.status, content_type="application/json", headers=err.headers()
+    )
+    if isinstance(err, PayloadTooLarge):
+        # Don't drain the rest of a huge upload just to keep the connection alive.
+        response.force_close()
+    return response
+
+
+def error_middleware(component: str, log: logging.Logger) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The middleware for one component ("gateway", "worker"), named in 413 and 500 messages."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except IChatError as err:
+            return error_response(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            cls = _HTTP_ERRORS.get(exc.status)
+            if cls is PayloadTooLarge:
+                return error_response(PayloadTooLarge(f"Request body is larger than the {component}'s limit."))
+            if cls is NotFound:
+                return error_response(NotFound(f"No route for {request.method} {request.path}."))
+            if cls is not None:
+                return error_response(cls(exc.reason))
+            body = orjson.dumps(error_body(exc.reason, "invalid_request_error", exc.status))
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            return web.Response(body=body, status=exc.status, content_type="application/json", headers=headers)
+        except ConnectionResetError:
+            raise  # the client went away: nobody to answer
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return error_response(IChatError(f"Internal error in the {component}; see its log."))
+
+    return middleware
