@@ -18,10 +18,19 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this test run: the OS may give the same
+    ephemeral port to two back-to-back binds, and a gateway and its managed worker must differ."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def models_dir() -> Path:
