@@ -13,7 +13,10 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup models sglang-args-venv test test-fast run worker bench clean
+system:
+	@scripts/setup_system.sh
+
+.PHONY: system setup models sglang-args-venv test test-fast run worker bench clean
 
 setup:
 	@scripts/setup_venv.sh
@@ -26,11 +29,11 @@ sglang-args-venv:
 	@scripts/setup_sglang_parser_venv.sh
 
 # Fast in-process tests first; the real-engine end-to-end tests last.
-test: setup models sglang-args-venv
+test: system setup models sglang-args-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider -m e2e --durations=15 $(PYTEST_ARGS)
 
-test-fast: setup sglang-args-venv
+test-fast: system setup sglang-args-venv
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 run: setup models
