@@ -13,13 +13,13 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-system:
-	@scripts/setup_system.sh
-
 .PHONY: system setup models sglang-args-venv test test-fast run worker bench clean
 
 setup:
 	@scripts/setup_venv.sh
+
+system:
+	@scripts/setup_system.sh
 
 models: setup
 	@$(PY) scripts/prepare_models.py --models-dir "$(MODELS_DIR)"
