@@ -89,7 +89,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "status", "reason", "headers", "content_length", "content_type", "chunked", "keep_alive",
-        "_conn", "_loop", "_pieces", "_buffered", "_done", "_exc", "_waiter",
+        "_conn", "_loop", "_pieces", "_buffered", "_done", "_exc", "_waiter", "_whole",
     )  # fmt: skip
 
     def __init__(self, conn: _Connection) -> None:
@@ -110,9 +110,16 @@ class UpstreamResponse:
         self._done = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        #: the reader wants the whole body (read()): buffer it all, never pause the connection
+        self._whole = False
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body. Back-pressure is off: the caller bounds the size it reads whole (the
+        proxy does so by ``Content-Length``), and a paused connection would never finish."""
+        self._whole = True
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
         while not self._done:
             if self._exc is not None:
                 raise self._exc
@@ -164,7 +171,7 @@ class UpstreamResponse:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self._buffered > HIGH_WATER and self._conn is not None:
+        if self._buffered > HIGH_WATER and not self._whole and self._conn is not None:
             self._conn.pause()
 
     def _finish(self) -> None:

@@ -262,6 +262,18 @@ async def test_large_request_body_and_answer_arrive_intact(upstream, client):
     assert hashlib.sha256(received).digest() == hashlib.sha256(body).digest()
 
 
+@pytest.mark.parametrize("size", [HIGH_WATER + 1, 2**20, 3 * 2**20])
+async def test_whole_body_read_past_the_back_pressure_mark_finishes(size: int, upstream, client):
+    # read() wants every byte: pausing the socket at HIGH_WATER would wait forever (issue #12).
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    server = await upstream(await serve_each(lambda request: answer(body)))
+
+    response = await client.request(client.pool("127.0.0.1", server.port), head(), b"")
+    received = await asyncio.wait_for(response.read(), 10)
+
+    assert received == body
+
+
 # -- connection reuse and its failures ----------------------------------------------------------
 
 
