@@ -146,6 +146,16 @@ class CircuitBreakerSettings:
 
 
 @attrs.frozen
+class MigrationSettings:
+    """Streams that outlive their worker (see ichat.gateway.migration). Opt-in per model."""
+
+    #: models whose broken chat/completion streams continue on another replica
+    models: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: replicas a stream may move to, at most, after the first one
+    max_attempts: int = attrs.field(default=2, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+
+
+@attrs.frozen
 class RoutingSettings:
     #: default policy name (entry points group ``ichat.routing``)
     policy: str = attrs.field(default="least_inflight", validator=_policy_name)
@@ -157,6 +167,7 @@ class RoutingSettings:
     #: extra attempts on other endpoints of the pool, before any byte reached the client
     retries: int = attrs.field(default=2, validator=_check(lambda v: v >= 0, "an integer >= 0"))
     circuit_breaker: CircuitBreakerSettings = attrs.Factory(CircuitBreakerSettings)
+    migration: MigrationSettings = attrs.Factory(MigrationSettings)
 
     @property
     def max_body_bytes(self) -> int:

@@ -9,8 +9,9 @@ the client session and the clock through them. Nothing lives at module level.
     RNG_KEY     random.Random       the policies' random source (seedable in tests)
     CLOCK_KEY   () -> float         monotonic seconds (injectable in tests)
     AUTH_KEY    Authenticator       bearer-key rules by path prefix (``protect`` more prefixes)
-    PROXY_KEY   Proxy               the data-plane handlers
-    CLIENT_KEY  aiohttp.ClientSession  the one upstream session (exists while the app runs)
+    DATA_PLANE_KEY DataPlane        table, upstream client, relay, model lists; reconfigure(config)
+    PROXY_KEY   Proxy               the relay handler (the data plane's)
+    CLIENT_KEY  aiohttp.ClientSession  the process's one client session (exists while the app runs)
     CONTROL_KEY ControlPlane        registry, managed workers, reloads (ichat.gateway.control)
     METRICS_KEY GatewayMetrics      counters behind GET /metrics; ``add_source`` adds series (ichat.gateway.metrics)
     LOGS_KEY    LogCollector        workers' logs and /v1/logs/stream (ichat.gateway.logs)
@@ -26,16 +27,17 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from ichat.config import GatewayConfig, RouteSpec
+from ichat.config import GatewayConfig
 from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
 from ichat.gateway.control import ControlPlane
 from ichat.gateway.logs import setup_logs
-from ichat.gateway.metrics import METRICS_KEY, GatewayMetrics, metrics_handler
+from ichat.gateway.dataplane import DataPlane
+from ichat.gateway.metrics import METRICS_KEY, metrics_handler
 from ichat.gateway.proxy import Proxy
 from ichat.httperrors import error_middleware
-from ichat.routing.table import Endpoint, RoutingTable
+from ichat.routing.table import RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +48,9 @@ TABLE_KEY = web.AppKey("ichat_routing_table", RoutingTable)
 RNG_KEY = web.AppKey("ichat_rng", random.Random)
 CLOCK_KEY: web.AppKey[Clock] = web.AppKey("ichat_clock")
 AUTH_KEY = web.AppKey("ichat_auth", Authenticator)
+DATA_PLANE_KEY = web.AppKey("ichat_data_plane", DataPlane)
 PROXY_KEY = web.AppKey("ichat_proxy", Proxy)
 CLIENT_KEY = web.AppKey("ichat_client_session", aiohttp.ClientSession)
-
-#: POST routes relayed by the body's ``model``
-PROXIED_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/rerank",
-    "/v1/score",
-    "/v1/responses",
-    "/v1/audio/{tail:.*}",
-)
-#: keep-alive connections to upstreams are reused for this long when idle (seconds)
-UPSTREAM_KEEPALIVE_S = 60.0
 
 
 def build_app(
@@ -73,34 +63,17 @@ def build_app(
     """The gateway app. ``clock`` and ``rng`` are injectable for tests; policies and static
     routes are checked here, so a bad name fails before the first request. ``config_path`` is
     watched and re-read on change or on ``POST /v1/admin/config/reload``."""
-    routing = config.routing
-    table = RoutingTable(
-        routing.policy,
-        routing.per_model,
-        failures_to_eject=routing.circuit_breaker.failures,
-        cooldown_s=routing.circuit_breaker.cooldown_s,
-    )
-    for endpoint in static_endpoints(config.routes):
-        table.upsert(endpoint)
     rng = rng if rng is not None else random.Random()
+    data_plane = DataPlane(config, clock=clock, rng=rng)
+    table, metrics = data_plane.table, data_plane.metrics
 
     auth = Authenticator()
     protect(auth, config)
-    metrics = GatewayMetrics(table)
-    proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled, metrics=metrics)
 
     def apply_settings(new: GatewayConfig) -> None:
-        """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
-        r = new.routing
-        table.configure(r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s)
-        for endpoint in [e for e in table.endpoints() if e.source == "route"]:
-            table.remove(endpoint.id)
-        for endpoint in static_endpoints(new.routes):
-            table.upsert(endpoint)
+        """A reloaded config's data-plane and access settings (managed workers are the control plane's)."""
+        data_plane.reconfigure(new)
         protect(auth, new)
-        proxy.retries = r.retries
-        proxy.apply_timeouts(r.timeouts)
-        proxy.forward_client_auth = not new.auth.enabled
         if (new.server_settings.host, new.server_settings.port) != (config.server_settings.host, config.server_settings.port):
             log.warning("server_settings.host/port changes need a gateway restart")
 
@@ -108,7 +81,7 @@ def build_app(
 
     app = web.Application(
         # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
-        client_max_size=routing.max_body_bytes,
+        client_max_size=config.routing.max_body_bytes,
         middlewares=[error_middleware("gateway", log), auth.middleware()],
     )
     app[CONFIG_KEY] = config
@@ -116,7 +89,8 @@ def build_app(
     app[RNG_KEY] = rng
     app[CLOCK_KEY] = clock
     app[AUTH_KEY] = auth
-    app[PROXY_KEY] = proxy
+    app[DATA_PLANE_KEY] = data_plane
+    app[PROXY_KEY] = data_plane.proxy
     app[METRICS_KEY] = metrics
     app[CONTROL_KEY] = control
     metrics.add_source(control.metric_samples)  # workers by state, heartbeat age, restarts
@@ -125,11 +99,7 @@ def build_app(
     app.cleanup_ctx.append(control_plane)
 
     router = app.router
-    for path in PROXIED_ROUTES:
-        router.add_post(path, proxy.handle)
-    router.add_get("/v1/models", proxy.list_models)
-    # Model names may contain slashes (``Qwen/Qwen2-7B-Instruct``).
-    router.add_get("/v1/models/{name:.+}", proxy.get_model)
+    data_plane.add_routes(router)
     router.add_get("/health", health)
     router.add_get("/metrics", metrics_handler)
     add_admin_routes(app)
@@ -157,56 +127,14 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
         await control.close()
 
 
-def static_endpoints(routes: tuple[RouteSpec, ...]) -> list[Endpoint]:
-    """Endpoints for ``routes``, numbered per model: ``route:<model>:<n>``."""
-    counts: dict[str, int] = {}
-    endpoints = []
-    for route in routes:
-        n = counts.get(route.model_name, 0)
-        counts[route.model_name] = n + 1
-        endpoints.append(
-            Endpoint(
-                id=f"route:{route.model_name}:{n}",
-                model_name=route.model_name,
-                api_base=route.api_base,
-                api_key=route.api_key,
-                weight=route.weight,
-                backend="openai",
-                source="route",
-            )
-        )
-    return endpoints
-
-
 async def client_session(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream session, for the app's lifetime."""
-    proxy = app[PROXY_KEY]
-    connector = aiohttp.TCPConnector(
-        limit=0,  # no pool cap: the workers' own queues decide how much runs at once
-        limit_per_host=0,
-        ttl_dns_cache=300,
-        keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=proxy.timeout,
-        # Relay bytes as they are: a gzip answer stays gzip for the client that asked for it.
-        auto_decompress=False,
-        # Send only what the client sent; invented defaults (Accept-Encoding: gzip) would change
-        # what the upstream answers.
-        skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-        # A shared jar would carry one client's upstream cookies to the next client.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
-    app[CLIENT_KEY] = session
-    proxy.session = session
+    """The one upstream session, for the app's lifetime (owned by the data plane)."""
+    data_plane = app[DATA_PLANE_KEY]
+    app[CLIENT_KEY] = data_plane.open_session()
     try:
         yield
     finally:
-        proxy.session = None
-        proxy.close()  # the proxy's own keep-alive connections (ichat.gateway.upstream)
-        await session.close()
+        await data_plane.close()
 
 
 async def health(request: web.Request) -> web.Response:

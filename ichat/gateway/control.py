@@ -165,7 +165,10 @@ class ControlPlane:
             routable = self._routable(record, now)
             if endpoint is not None and endpoint.routable != routable:
                 endpoint.routable = routable
-                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({self.registry.status(record, now)})")
+                status = self.registry.status(record, now)
+                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({status})")
+                if status == "unhealthy":  # hung or unreachable: wake the requests waiting on it
+                    self.table.declare_unhealthy(record.worker_id)
         for worker in self.supervisor.workers.values():
             record = self.registry.get(worker.worker_id)
             was = worker.state

@@ -17,7 +17,9 @@ by the configured models and the fleet):
     ichat_gateway_retries_total{model}                      attempts beyond the first
     ichat_gateway_ejections_total{model,endpoint}           circuit breaker openings
     ichat_gateway_upstream_errors_total{model,endpoint,kind}
-        kind: connect, timeout, reset, status_502, status_503, broken_stream
+        kind: connect, timeout, reset, status_502, status_503, broken_stream, unhealthy
+    ichat_gateway_stream_migrations_total{model}            streams continued on another replica
+    ichat_gateway_circuit_breaker_state{model,endpoint}     gauge: 0 closed, 1 open, 2 half-open
 
 ``status`` is the HTTP status the client got, 499 when the client went away first. A request
 naming a model the gateway does not serve is counted as ``model="__unknown__"`` (so bogus
@@ -51,7 +53,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
-from ichat.routing.table import RoutingTable
+from ichat.routing.table import BREAKER_STATE_VALUES, RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,10 @@ def _float_label(value: float) -> str:
 
 
 class GatewayMetrics:
-    def __init__(self, table: RoutingTable | None = None) -> None:
+    def __init__(self, table: RoutingTable | None = None, clock: Callable[[], float] | None = None) -> None:
         self.table = table
+        #: the routing table's clock (breaker states are read against it at scrape time)
+        self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests: dict[tuple[str, str, int], int] = {}
         self._duration: dict[str, Histogram] = {}
@@ -104,6 +108,7 @@ class GatewayMetrics:
         self._retries: dict[str, int] = {}
         self._ejections: dict[tuple[str, str], int] = {}
         self._upstream_errors: dict[tuple[str, str, str], int] = {}
+        self._migrations: dict[str, int] = {}
         self._sources: list[Source] = []
         self.registry.register(_Collector(self))
 
@@ -129,6 +134,9 @@ class GatewayMetrics:
     def ejected(self, model: str, endpoint: str) -> None:
         key = (model, endpoint)
         self._ejections[key] = self._ejections.get(key, 0) + 1
+
+    def migrated(self, model: str) -> None:
+        self._migrations[model] = self._migrations.get(model, 0) + 1
 
     def upstream_error(self, model: str, endpoint: str, kind: str) -> None:
         key = (model, endpoint, kind)
@@ -184,6 +192,19 @@ class GatewayMetrics:
                 family.add_sample(
                     "ichat_gateway_inflight_requests", {"model": ep.model_name, "endpoint": ep.id}, ep.inflight
                 )
+        yield family
+        family = Metric(
+            "ichat_gateway_circuit_breaker_state", "Circuit breaker of each endpoint: 0 closed, 1 open, 2 half-open.", "gauge"
+        )
+        if self.table is not None and self.clock is not None:
+            now = self.clock()
+            for ep in self.table.endpoints():
+                state = BREAKER_STATE_VALUES[ep.breaker.state(now)]
+                family.add_sample("ichat_gateway_circuit_breaker_state", {"model": ep.model_name, "endpoint": ep.id}, state)
+        yield family
+        family = Metric("ichat_gateway_stream_migrations", "Streams continued on another replica.", "counter")
+        for model, n in sorted(self._migrations.items()):
+            family.add_sample("ichat_gateway_stream_migrations_total", {"model": model}, n)
         yield family
         family = Metric("ichat_gateway_retries", "Attempts on another endpoint after a failure.", "counter")
         for model, n in sorted(self._retries.items()):

@@ -1,48 +1,46 @@
-"""The data plane: read the model, pick an endpoint, relay bytes, retry before the first byte.
+"""The relay: pick an endpoint, send the request, relay the answer, retry before the first byte.
 
-A request's body is read once and parsed once (orjson) only to learn ``model`` (and
-``stream``); the original bytes go upstream untouched, and the upstream's bytes come back as
-they arrive, never re-parsed. Non-streaming answers (they carry a Content-Length) are read
-whole and returned in one write (fewer syscalls); streams (``text/event-stream`` or chunked)
-and large bodies are relayed chunk by chunk, ``StreamResponse.write`` pushing back on a slow
-client.
-
-Upstream calls go through :mod:`ichat.gateway.upstream`: a small keep-alive HTTP/1.1 client
-for ``http://`` upstreams (the common case: the request head is built here from the client's
-raw header bytes, in one pass), the aiohttp session for anything else. Both raise that
-module's errors, so the failure handling below is written once.
+A request's body is read once and parsed once (:mod:`ichat.gateway.sniff`) only to learn
+``model`` (and ``stream``); the original bytes go upstream untouched, and the upstream's bytes
+come back as they arrive, never re-parsed. Non-streaming answers up to ``WHOLE_BODY_MAX``
+(they carry a Content-Length) are read whole and returned in one write; streams and larger
+bodies are relayed chunk by chunk, ``StreamResponse.write`` pushing back on a slow client.
+Header rules live in :mod:`ichat.gateway.headers`; upstream I/O in :mod:`ichat.gateway.upstream`,
+whose errors are the only ones handled here.
 
 Failures, by when they happen:
 
 * before the upstream's response headers (connect error, connection reset), or a 502/503
-  answer: the endpoint is charged a failure and the request goes to another endpoint of the
-  pool, at most ``routing.retries`` more times. Nothing has reached the client yet.
+  answer: the endpoint's circuit breaker is charged and the request goes to another endpoint
+  of the pool, at most ``routing.retries`` more times. Nothing has reached the client yet.
 * no response headers within ``first_byte_s``: 504, no retry (the upstream may be working).
+* the worker is declared unhealthy (the registry's probe or missed beats) while requests wait
+  on it: the table tells the proxy (:meth:`Proxy.endpoint_lost`), which wakes them at once.
+  Those with no byte yet go to another replica; streams that started end as below.
 * after the response started: never retried. A broken SSE stream gets a final ``error``
-  event and a clean end; any other broken body is cut off so the client sees it incomplete.
+  event and a clean end, unless its model opted into migration (:mod:`ichat.gateway.migration`):
+  then it continues on another replica and the client sees one stream. Any other broken body
+  is cut off so the client sees it incomplete.
 * the client goes away: the upstream connection is closed at once (the handler is cancelled,
   or the next write fails), so the worker aborts the engine's work.
 
-Every answer is counted in :class:`~ichat.gateway.metrics.GatewayMetrics` (model, endpoint,
-status, duration, time to the upstream's first byte), and so are retries, ejections and
-upstream errors by kind. Client-facing messages name models, never upstream addresses.
+Request ids: the gateway makes the id the worker and its engine use (``X-Request-Id``, random,
+never the client's). A client's own ``X-Request-Id`` is a correlation id: echoed on the answer,
+written in the gateway's log lines, and passed to the worker as ``X-Ichat-Correlation-Id``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import ClientSession, ClientTimeout, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from ichat.config import RoutingSettings
@@ -56,12 +54,14 @@ from ichat.errors import (
     UpstreamTimeout,
     sse_error_event,
 )
+from ichat.gateway.headers import CORRELATION_ID, correlation_id, request_head, response_headers, split_request_headers
 from ichat.gateway.metrics import CLIENT_CLOSED, NO_ENDPOINT, UNKNOWN_MODEL, GatewayMetrics
+from ichat.gateway.migration import StreamSplicer, migratable
+from ichat.gateway.sniff import read_model
 from ichat.gateway.upstream import (
     AiohttpResponse,
     ConnectFailed,
     Pool,
-    RawHeaders,
     ReadTimeout,
     UpstreamClient,
     UpstreamFailure,
@@ -73,37 +73,12 @@ from ichat.routing.table import Endpoint, RoutingTable
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
-HOP_BY_HOP = (
-    "Connection",
-    "Keep-Alive",
-    "Proxy-Connection",
-    "Proxy-Authenticate",
-    "Proxy-Authorization",
-    "TE",
-    "Trailer",
-    "Transfer-Encoding",
-    "Upgrade",
-)
-# Host and Content-Length are the upstream request's own; Authorization is set per endpoint;
-# X-Request-Id is the client's or ours, set once; Expect: the gateway already has the body;
-# Content-Encoding: aiohttp's server inflates a gzip/deflate/br request body before the proxy
-# reads it (and the proxy parsed it as JSON or a form), so what goes upstream is plain.
-_DROP_FROM_REQUEST = frozenset(
-    n.lower().encode()
-    for n in (*HOP_BY_HOP, "Host", "Content-Length", "Authorization", "X-Request-Id", "Expect", "Content-Encoding")
-)
-# Content-Length is recomputed (or the body is re-chunked); Date and Server are our own.
-_DROP_FROM_RESPONSE = frozenset(n.lower().encode() for n in (*HOP_BY_HOP, "Content-Length", "Date", "Server", "X-Request-Id"))
-
 #: statuses meaning "this endpoint cannot serve right now": try another one
 RETRY_STATUSES = frozenset({502, 503})
 MAX_MODELS_IN_MESSAGE = 20
 #: answers with a Content-Length up to this size are read whole and sent in one write;
 #: larger ones (audio, big embedding batches) are relayed in pieces to bound memory
 WHOLE_BODY_MAX = 4 * 2**20
-#: idle keep-alive connections to an upstream are reused for this long (seconds)
-UPSTREAM_KEEPALIVE_S = 60.0
 _TARGET_CACHE_SIZE = 256
 
 
@@ -121,69 +96,110 @@ class _Target:
 
 
 class _Exchange:
-    """What the metrics need to know about one request, filled in as it goes."""
+    """One client request as it goes: what the metrics and log lines need, and the client's
+    response once it has started (a migrated stream keeps writing to it)."""
 
-    __slots__ = ("model", "endpoint", "status", "first_byte")
+    __slots__ = ("model", "endpoint", "status", "first_byte", "request_id", "correlation", "out", "splicer")
 
     def __init__(self) -> None:
         self.model = UNKNOWN_MODEL
         self.endpoint = NO_ENDPOINT
         self.status = 500
         self.first_byte: float | None = None
+        self.request_id = b""
+        self.correlation: bytes | None = None
+        self.out: web.StreamResponse | None = None
+        self.splicer: StreamSplicer | None = None
+
+    def ids(self) -> str:
+        """How log lines name the request: our id, and the client's correlation id if any."""
+        rid = self.request_id.decode("latin-1")
+        return f"{rid} (correlation {self.correlation.decode('latin-1')})" if self.correlation else rid
+
+
+class _InFlight:
+    """One attempt waiting on an endpoint; ``Proxy.endpoint_lost`` cancels its task."""
+
+    __slots__ = ("task", "lost", "absorbed")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.lost = False
+        self.absorbed = False
+
+    def ours(self) -> bool:
+        """Whether a CancelledError caught now is the wake-up, not the client leaving."""
+        if not self.lost or self.absorbed:
+            return False
+        self.absorbed = True
+        uncancel = getattr(self.task, "uncancel", None)  # Python 3.11+
+        return uncancel is None or uncancel() == 0
+
+
+class _Lost(Exception):
+    """Internal: the endpoint was declared unhealthy while this attempt waited on it."""
+
+
+class _Broken(Exception):
+    """Internal: a started answer broke; carries the client-facing error."""
+
+    def __init__(self, error: IChatError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class Proxy:
-    """Handlers of the data plane. One per app; ``session`` (the aiohttp fallback) is set when
-    the app starts, and :meth:`close` closes the small client's connections when it stops."""
+    """The relay handler. One per app; ``session`` (the aiohttp fallback) is set when the app
+    starts, and :meth:`close` closes the small client's connections when it stops."""
 
     def __init__(
         self,
         table: RoutingTable,
         routing: RoutingSettings,
         *,
+        upstreams: UpstreamClient,
         rng: random.Random,
         clock: Callable[[], float],
         forward_client_auth: bool,
-        metrics: GatewayMetrics | None = None,
-        keepalive_s: float = UPSTREAM_KEEPALIVE_S,
+        metrics: GatewayMetrics,
+        unknown_model_message: Callable[[str], str] | None = None,
     ) -> None:
         self.table = table
         self.rng = rng
         self.clock = clock
+        self.upstreams = upstreams
+        self.metrics = metrics
+        #: with gateway auth on, the client's key is ours and must not travel upstream
+        self.forward_client_auth = forward_client_auth
+        self.session: ClientSession | None = None
+        self.unknown_model_message = unknown_model_message or self._unknown_model_message
+        self._targets: dict[str, _Target] = {}
+        self._inflight: dict[str, set[_InFlight]] = {}
+        self.configure(routing)
+        table.add_lost_listener(self.endpoint_lost)
+
+    def configure(self, routing: RoutingSettings) -> None:
+        """Settings of (re)loaded config; requests already running keep theirs."""
         self.retries = routing.retries
         self.max_body = routing.max_body_bytes
         t = routing.timeouts
         # sock_read bounds the wait for the response headers (first byte) and each gap between
         # chunks afterwards; total (0 = none) bounds the whole exchange, stream included.
         self.timeout = ClientTimeout(total=t.total_s or None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
-        self.upstreams = UpstreamClient(
-            connect_timeout=t.connect_s,
-            read_timeout=t.first_byte_s,
-            total_timeout=t.total_s or None,
-            keepalive_s=keepalive_s,
-        )
-        #: with gateway auth on, the client's key is ours and must not travel upstream
-        self.forward_client_auth = forward_client_auth
-        self.metrics = metrics if metrics is not None else GatewayMetrics(table)
-        self.session: ClientSession | None = None
-        self.started = int(time.time())
-        self._targets: dict[str, _Target] = {}
-        # Request ids: a random per-process prefix and a counter. Unique is all they need to
-        # be, and os.urandom per request is a system call.
-        self._id_prefix = os.urandom(6).hex().encode()
-        self._id_counter = itertools.count(1)
-
-    def apply_timeouts(self, t: Any) -> None:
-        """New ``routing.timeouts`` (config reload); requests already running keep theirs."""
-        self.timeout = ClientTimeout(total=t.total_s or None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
-        self.upstreams.connect_timeout = t.connect_s
-        self.upstreams.read_timeout = t.first_byte_s
-        self.upstreams.total_timeout = t.total_s or None
+        self.migration_models = frozenset(routing.migration.models)
+        self.migration_attempts = routing.migration.max_attempts
 
     def close(self) -> None:
         """Close every upstream connection of the small client (the app is stopping)."""
         self.upstreams.close()
         self._targets.clear()
+
+    def endpoint_lost(self, endpoint: Endpoint) -> None:
+        """The table declared ``endpoint`` unhealthy: wake every request waiting on it."""
+        for attempt in self._inflight.get(endpoint.id, ()):
+            if not attempt.lost and attempt.task is not None:
+                attempt.lost = True
+                attempt.task.cancel()
 
     # -- POST /v1/... ------------------------------------------------------------------------
 
@@ -215,23 +231,29 @@ class Proxy:
             # /v1/audio/{tail} would otherwise reach the upstream's non-OpenAI routes.
             raise InvalidRequest("Request path must not contain '.' or '..' segments.")
         body = await self._read_body(request)
-        model, stream = read_model(body, request.headers)
+        model, stream, obj = read_model(body, request.headers)
         table = self.table
         if not table.has_model(model):
-            raise ModelNotFound(self._unknown_model_message(model), param="model")
+            raise ModelNotFound(self.unknown_model_message(model), param="model")
         exchange.model = model
 
-        forwarded, client_auth, request_id = split_request_headers(request.raw_headers)
-        if not request_id:
-            request_id = b"%s%012x" % (self._id_prefix, next(self._id_counter))
+        forwarded, client_auth, client_request_id = split_request_headers(request.raw_headers)
+        # Ours, always, and unguessable: the engine keys (and aborts) requests by it, and it
+        # shows in answers (``chatcmpl-<id>``), so a counter would let one client name another's.
+        exchange.request_id = os.urandom(12).hex().encode()
+        exchange.correlation = correlation_id(client_request_id)
         if not self.forward_client_auth:
             client_auth = None
+        if stream and obj is not None and model in self.migration_models and migratable(path, obj):
+            exchange.splicer = StreamSplicer(path, obj)
+            body = exchange.splicer.upstream_body()
         info = RequestInfo(model, path, len(body), stream)
         policy = table.policy_for(model)
 
         tried: list[Endpoint] = []
         error: IChatError | None = None
-        for attempt in range(self.retries + 1):
+        attempt = retries = migrations = 0
+        while True:
             candidates = table.candidates(model, self.clock())
             if tried:
                 candidates = [ep for ep in candidates if ep not in tried]
@@ -239,24 +261,37 @@ class Proxy:
                 break
             if attempt:
                 self.metrics.retried(model)
+            attempt += 1
             endpoint = policy.select(candidates, info, self.rng)
             tried.append(endpoint)
             exchange.endpoint = endpoint.id
             auth = endpoint.authorization
-            may_retry = attempt < self.retries and len(candidates) > 1
+            may_retry = retries < self.retries and len(candidates) > 1
             outcome = await self._attempt(
-                request,
-                exchange,
-                endpoint,
-                body,
-                forwarded,
-                auth.encode("latin-1") if auth else client_auth,
-                request_id,
-                may_retry,
+                request, exchange, endpoint, body, forwarded, auth.encode("latin-1") if auth else client_auth, may_retry
             )
             if not isinstance(outcome, IChatError):
                 return outcome
             error = outcome
+            if exchange.out is None:  # nothing reached the client: an ordinary retry
+                if retries >= self.retries:
+                    break
+                retries += 1
+                continue
+            # A started stream broke: continue it elsewhere, if its model opted in.
+            splicer = exchange.splicer
+            next_body = splicer.continuation_body() if splicer is not None else None
+            if next_body is None or migrations >= self.migration_attempts:
+                break
+            migrations += 1
+            splicer.next_segment()
+            body = next_body
+            self.metrics.migrated(model)
+            log.warning("request %s: stream of %s continues on another replica (%d tokens sent)", exchange.ids(), model, splicer.sent_tokens())
+        if exchange.out is not None:
+            # The stream started and could not be continued: it ends with the error event.
+            await self._end_broken_stream(request, exchange.out, error or UpstreamError("stream broke"), True)
+            return exchange.out
         if error is not None:
             raise error
         raise ServiceUnavailable(
@@ -302,11 +337,11 @@ class Proxy:
     async def _send_via_session(
         self,
         request: web.Request,
+        exchange: _Exchange,
         endpoint: Endpoint,
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
         auth: bytes | None,
-        request_id: bytes,
     ) -> AiohttpResponse:
         """The fallback for upstreams the small client does not speak to (``https://``)."""
         if self.session is None:
@@ -314,7 +349,9 @@ class Proxy:
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in forwarded
         )
-        headers["X-Request-Id"] = request_id.decode("latin-1")
+        headers["X-Request-Id"] = exchange.request_id.decode("latin-1")
+        if exchange.correlation:
+            headers[CORRELATION_ID] = exchange.correlation.decode("latin-1")
         if auth:
             headers["Authorization"] = auth.decode("latin-1")
         rel = request.rel_url
@@ -329,46 +366,80 @@ class Proxy:
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
         auth: bytes | None,
-        request_id: bytes,
         may_retry: bool,
     ) -> web.StreamResponse | IChatError:
         """Send the request to one endpoint. Returns the client's response, or the error to
-        report if no other endpoint succeeds (meaning: nothing was sent to the client, retry)."""
+        report if no other endpoint succeeds (nothing new was sent to the client: the caller
+        retries, or continues a started stream elsewhere)."""
         target = self._target(endpoint.api_base)
+        waiting = _InFlight(asyncio.current_task())
+        bucket = self._inflight.get(endpoint.id)
+        if bucket is None:
+            bucket = self._inflight[endpoint.id] = set()
+        bucket.add(waiting)
         endpoint.inflight += 1
         upstream: UpstreamResponse | AiohttpResponse | None = None
         try:
             try:
                 if target.pool is not None:
-                    head = request_head(request, target, forwarded, auth, request_id, len(body))
+                    head = request_head(
+                        request, target.path_prefix, target.host_line, forwarded, auth,
+                        exchange.request_id, exchange.correlation, len(body),
+                    )  # fmt: skip
                     upstream = await self.upstreams.request(target.pool, head, body, method_head=request.method == "HEAD")
                 else:
-                    upstream = await self._send_via_session(request, endpoint, body, forwarded, auth, request_id)
+                    upstream = await self._send_via_session(request, exchange, endpoint, body, forwarded, auth)
             except ConnectFailed as exc:
                 self._failed(endpoint, exchange, exc.kind, "unreachable", exc)
                 return UpstreamError(f"{_server(endpoint)} could not be reached.")
             except ReadTimeout as exc:
                 self._failed(endpoint, exchange, exc.kind, "timed out before answering", exc)
+                if exchange.out is not None:
+                    return UpstreamTimeout(f"{_server(endpoint)} did not answer in time.")
                 raise UpstreamTimeout(f"{_server(endpoint)} did not answer in time.") from exc
             except UpstreamFailure as exc:
                 self._failed(endpoint, exchange, exc.kind, "failed before answering", exc)
                 return UpstreamError(f"{_server(endpoint)} closed the connection.")
+            except asyncio.CancelledError:
+                if not waiting.ours():
+                    raise
+                self._failed(endpoint, exchange, "unhealthy", "declared unhealthy before answering", None)
+                return UpstreamError(f"{_server(endpoint)} stopped responding.")
 
-            exchange.first_byte = time.perf_counter()
+            if exchange.first_byte is None:
+                exchange.first_byte = time.perf_counter()
             status = upstream.status
             if status in RETRY_STATUSES:
                 self._failed(endpoint, exchange, f"status_{status}", f"answered {status}", None)
-                if may_retry:
+                if may_retry or exchange.out is not None:
                     return UpstreamError(f"{_server(endpoint)} is unavailable (HTTP {status}).")
-            elif endpoint.failures or endpoint.ejected_until:
+            elif endpoint.breaker.tripped:
                 self.table.record_success(endpoint)  # closes the breaker; skipped when already closed
-            return await self._relay(request, exchange, upstream, endpoint, request_id.decode("latin-1"))
+            if exchange.out is not None:
+                if status != 200:
+                    log.warning("request %s: continuation on %s answered %d", exchange.ids(), endpoint.id, status)
+                    return UpstreamError(f"{_server(endpoint)} could not continue the stream (HTTP {status}).")
+                return await self._relay_stream(request, exchange, upstream, endpoint, waiting, exchange.out)
+            return await self._relay(request, exchange, upstream, endpoint, waiting)
+        except _Broken as broken:
+            return broken.error
         finally:
             endpoint.inflight -= 1
+            bucket.discard(waiting)
+            if not bucket and self._inflight.get(endpoint.id) is bucket:
+                del self._inflight[endpoint.id]
             if upstream is not None:
                 # A no-op once the body was read to the end (the connection went back to the
                 # pool); otherwise it closes the upstream connection, which aborts its work.
                 upstream.close()
+            if waiting.lost and not waiting.absorbed:
+                # Woken after the attempt had already moved on: take the cancellation here,
+                # so that it does not land in whatever this task awaits next.
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    if not waiting.ours():
+                        raise
 
     async def _relay(
         self,
@@ -376,9 +447,10 @@ class Proxy:
         exchange: _Exchange,
         upstream: UpstreamResponse | AiohttpResponse,
         endpoint: Endpoint,
-        request_id: str,
+        waiting: _InFlight,
     ) -> web.StreamResponse:
-        headers = response_headers(upstream.headers, request_id)
+        correlation = exchange.correlation
+        headers = response_headers(upstream.headers, (correlation or exchange.request_id).decode("latin-1"))
         sse = upstream.content_type.startswith(b"text/event-stream")
         length = upstream.content_length
         exchange.status = upstream.status
@@ -387,30 +459,72 @@ class Proxy:
                 data = await upstream.read()
             except UpstreamFailure as exc:
                 raise self._upstream_broke(endpoint, exchange, exc) from exc
+            except asyncio.CancelledError:
+                if not waiting.ours():
+                    raise
+                raise _Broken(self._lost_mid_answer(endpoint, exchange)) from None  # nothing sent: retried
             return web.Response(body=data, status=upstream.status, reason=upstream.reason, headers=headers)
 
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         if length is not None and not sse:
             out.content_length = length  # a large file: relayed in pieces, with its length
+        if not sse or upstream.status != 200:
+            exchange.splicer = None  # not a stream of chunks: nothing to migrate
         try:
             await out.prepare(request)
         except ConnectionError:
             exchange.status = CLIENT_CLOSED
             return out  # the client left before the headers went out
+        exchange.out = out
+        return await self._relay_stream(request, exchange, upstream, endpoint, waiting, out)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        upstream: UpstreamResponse | AiohttpResponse,
+        endpoint: Endpoint,
+        waiting: _InFlight,
+        out: web.StreamResponse,
+    ) -> web.StreamResponse:
+        """Copy the body to the client as it comes; raise :class:`_Broken` when it breaks."""
+        splicer = exchange.splicer
+        sse = upstream.content_type.startswith(b"text/event-stream")
         while True:
             try:
                 chunk = await upstream.read_chunk()
             except UpstreamFailure as exc:
                 err = self._upstream_broke(endpoint, exchange, exc)
-                await self._end_broken_stream(request, out, err, sse)
-                return out
+                if not sse:
+                    await self._end_broken_stream(request, out, err, False)
+                    return out
+                raise _Broken(err) from exc
+            except asyncio.CancelledError:
+                if not waiting.ours():
+                    raise
+                err = self._lost_mid_answer(endpoint, exchange)
+                if not sse:
+                    await self._end_broken_stream(request, out, err, False)
+                    return out
+                raise _Broken(err) from None
             if not chunk:
                 break
+            if splicer is not None:
+                chunk = splicer.feed(chunk)
+                if not chunk:
+                    continue
             try:
                 await out.write(chunk)
             except ConnectionError:
                 exchange.status = CLIENT_CLOSED
                 return out  # the client left; _attempt's finally closes the upstream
+            except asyncio.CancelledError:
+                if not waiting.ours():
+                    raise
+                raise _Broken(self._lost_mid_answer(endpoint, exchange)) from None
+        if splicer is not None and not splicer.done and splicer.continuation_body() is not None:
+            # The upstream ended its body cleanly but mid-answer (no finish, no [DONE]).
+            raise _Broken(UpstreamError(f"{_server(endpoint)} ended the stream early."))
         try:
             await out.write_eof()
         except ConnectionError:
@@ -423,8 +537,9 @@ class Proxy:
         if self.table.record_failure(endpoint, self.clock()):
             metrics.ejected(exchange.model, endpoint.id)
         metrics.upstream_error(exchange.model, endpoint.id, kind)
-        if exc is not None:
-            _log_failure(endpoint, what, exc)
+        # Addresses go to the operator's log only, never into a client-facing message.
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        log.warning("request %s: upstream %s (%s) %s%s", exchange.ids(), endpoint.id, endpoint.api_base, what, detail)
 
     def _upstream_broke(self, endpoint: Endpoint, exchange: _Exchange, exc: UpstreamFailure) -> IChatError:
         self._failed(endpoint, exchange, "broken_stream", "broke mid-response", exc)
@@ -432,9 +547,11 @@ class Proxy:
             return UpstreamTimeout(f"{_server(endpoint)} stopped sending in time.")
         return UpstreamError(f"{_server(endpoint)} closed the connection mid-response.")
 
-    async def _end_broken_stream(
-        self, request: web.Request, out: web.StreamResponse, err: IChatError, sse: bool
-    ) -> None:
+    def _lost_mid_answer(self, endpoint: Endpoint, exchange: _Exchange) -> IChatError:
+        self._failed(endpoint, exchange, "unhealthy", "declared unhealthy mid-response", None)
+        return UpstreamError(f"{_server(endpoint)} stopped responding mid-response.")
+
+    async def _end_broken_stream(self, request: web.Request, out: web.StreamResponse, err: IChatError, sse: bool) -> None:
         if not sse:
             # No way to say "error" inside an arbitrary body: cut the connection so the client
             # sees an incomplete chunked body rather than a clean, silently truncated one.
@@ -447,174 +564,8 @@ class Proxy:
         except ConnectionError:
             pass
 
-    # -- GET /v1/models ----------------------------------------------------------------------
-
-    async def list_models(self, request: web.Request) -> web.Response:
-        table = self.table
-        cards = [self._model_card(name) for name in table.models()]
-        body = {"object": "list", "data": [card for card in cards if card is not None]}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-    async def get_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        card = self._model_card(name) if self.table.has_model(name) else None
-        if card is None:
-            raise ModelNotFound(self._unknown_model_message(name), param="model")
-        return web.Response(body=orjson.dumps(card), content_type="application/json")
-
-    def _model_card(self, name: str) -> dict[str, Any] | None:
-        routable = [ep for ep in self.table.endpoints(name) if ep.routable]
-        if not routable:
-            return None
-        return {
-            "id": name,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "ichat",
-            "backends": sorted({ep.backend for ep in routable}),
-            "replicas": len(routable),
-        }
-
-
-# -- pure helpers ------------------------------------------------------------------------------
-
 
 def _server(endpoint: Endpoint) -> str:
     """How client-facing messages name an upstream: by its model, never its address."""
     return f"The server for the model '{endpoint.model_name}'"
 
-
-def _log_failure(endpoint: Endpoint, what: str, exc: BaseException) -> None:
-    # Addresses go to the operator's log only, never into a client-facing message.
-    log.warning("upstream %s (%s) %s: %s: %s", endpoint.id, endpoint.api_base, what, type(exc).__name__, exc)
-
-
-def read_model(body: bytes, headers: CIMultiDictProxy[str]) -> tuple[str, bool]:
-    """Return (model, stream) from a JSON body, or from a multipart form's fields."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        content_type = headers.get("Content-Type", "")
-        if content_type.startswith("multipart/form-data"):
-            return _model_from_form(body, content_type)
-        raise InvalidRequest("Request body is not valid JSON.") from None
-    if not isinstance(obj, dict):
-        raise InvalidRequest("Request body must be a JSON object.")
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("Request body must name a model: a non-empty string 'model' field.", param="model")
-    return model, obj.get("stream") is True
-
-
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_FIELD_NAME = re.compile(rb'(?:^|;)\s*name="([^"]*)"', re.IGNORECASE)
-
-
-def _model_from_form(body: bytes, content_type: str) -> tuple[str, bool]:
-    match = _BOUNDARY.search(content_type)
-    fields = form_fields(body, match.group(1).encode(), (b"model", b"stream")) if match else {}
-    model = fields.get(b"model")
-    if not model:
-        raise InvalidRequest("Multipart request must carry a non-empty 'model' form field.", param="model")
-    return model.decode("utf-8", "replace"), fields.get(b"stream", b"").lower() == b"true"
-
-
-def form_fields(body: bytes, boundary: bytes, names: tuple[bytes, ...]) -> dict[bytes, bytes]:
-    """Values of the named non-file fields of a multipart/form-data body.
-
-    Walks the boundaries with ``find`` and slices only the small parts it wants, so a large
-    uploaded file is never copied.
-    """
-    found: dict[bytes, bytes] = {}
-    delimiter = b"--" + boundary
-    pos = body.find(delimiter)
-    while pos != -1 and len(found) < len(names):
-        start = pos + len(delimiter)
-        if body.startswith(b"--", start):
-            break  # closing delimiter
-        end = body.find(b"\r\n" + delimiter, start)
-        head_end = body.find(b"\r\n\r\n", start, len(body) if end == -1 else end)
-        if head_end != -1:
-            head = body[start:head_end]
-            for line in head.split(b"\r\n"):
-                key, _, value = line.partition(b":")
-                if key.strip().lower() == b"content-disposition" and b"filename" not in value.lower():
-                    name = _FIELD_NAME.search(value)
-                    if name and name.group(1) in names:
-                        found[name.group(1)] = body[head_end + 4 : len(body) if end == -1 else end]
-        pos = -1 if end == -1 else end + 2
-    return found
-
-
-def request_head(
-    request: web.Request,
-    target: _Target,
-    forwarded: list[tuple[bytes, bytes]],
-    auth: bytes | None,
-    request_id: bytes,
-    body_length: int,
-) -> bytes:
-    """The upstream request's head, bytes ready for the wire."""
-    raw_path = request.raw_path
-    if not raw_path.startswith("/v1/"):  # an absolute-form request target; rare
-        rel = request.rel_url
-        raw_path = rel.raw_path + (f"?{rel.raw_query_string}" if rel.raw_query_string else "")
-    return b"%s %s HTTP/1.1\r\n%s%s%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n" % (
-        request.method.encode("ascii"),
-        (target.path_prefix + raw_path[3:]).encode("utf-8", "surrogateescape"),
-        target.host_line,
-        b"".join([name + b": " + value + b"\r\n" for name, value in forwarded]),
-        b"Authorization: " + auth + b"\r\n" if auth else b"",
-        request_id,
-        body_length,
-    )
-
-
-def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
-    """Header names a ``Connection`` header declares hop-by-hop (RFC 9110 §7.6.1)."""
-    tokens = into if into is not None else set()
-    for token in value.split(b","):
-        token = token.strip().lower()
-        if token:
-            tokens.add(token)
-    return tokens
-
-
-def split_request_headers(raw: RawHeaders) -> tuple[list[tuple[bytes, bytes]], bytes | None, bytes | None]:
-    """The client's headers to forward as they came (bytes, in order), and apart from them
-    its Authorization and X-Request-Id values. Hop-by-hop headers, and those its Connection
-    header names, are dropped."""
-    kept = []
-    auth = request_id = None
-    hop: set[bytes] | None = None
-    for name, value in raw:
-        lower = name.lower()
-        if lower in _DROP_FROM_REQUEST:
-            if lower == b"authorization":
-                auth = value
-            elif lower == b"x-request-id":
-                request_id = value
-            elif lower == b"connection":
-                hop = _connection_tokens(value, hop)
-            continue
-        kept.append((name, value))
-    if hop:
-        kept = [(name, value) for name, value in kept if name.lower() not in hop]
-    return kept, auth, request_id
-
-
-def response_headers(raw: RawHeaders, request_id: str) -> list[tuple[str, str]]:
-    """The upstream's headers for the client: hop-by-hop ones dropped, X-Request-Id ours."""
-    out = []
-    hop: set[bytes] | None = None
-    for name, value in raw:
-        lower = name.lower()
-        if lower in _DROP_FROM_RESPONSE:
-            if lower == b"connection":
-                hop = _connection_tokens(value, hop)
-            continue
-        out.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
-    if hop:
-        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in hop]
-    out.append(("X-Request-Id", request_id))
-    return out

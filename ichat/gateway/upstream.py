@@ -38,6 +38,8 @@ from typing import Any
 
 import aiohttp
 
+from ichat.errors import IChatError
+
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
 #: an answer's head (status line and headers) larger than this is refused
@@ -46,10 +48,17 @@ MAX_HEAD = 64 * 1024
 HIGH_WATER = 256 * 1024
 #: bodies up to this size are appended to the head in one write; larger ones go as a second buffer
 _JOIN_BODY_MAX = 64 * 1024
+#: idle keep-alive connections to an upstream are reused for this long (seconds)
+KEEPALIVE_S = 60.0
 
 
-class UpstreamFailure(Exception):
+class UpstreamFailure(IChatError):
+    """An upstream call failed; the proxy turns it into a client-facing 502/504."""
+
     kind = "reset"
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
 
 
 class ConnectFailed(UpstreamFailure):
@@ -555,13 +564,19 @@ class Pool:
         self.total_timeout = total_timeout
         self.keepalive_s = keepalive_s
         #: how often busy connections are checked: timeouts fire at most this late
-        self.sweep_every = min(1.0, read_timeout / 4, (total_timeout or 4.0) / 4)
+        self.sweep_every = _sweep_interval(read_timeout, total_timeout)
         self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._busy: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
+
+    def set_timeouts(self, connect_timeout: float, read_timeout: float, total_timeout: float | None) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        self.sweep_every = _sweep_interval(read_timeout, total_timeout)
 
     def take_idle(self) -> _Connection | None:
         """The most recently used idle connection still open, if any."""
@@ -652,15 +667,30 @@ class Pool:
         return len(self._idle)
 
 
+def _sweep_interval(read_timeout: float, total_timeout: float | None) -> float:
+    return min(1.0, read_timeout / 4, (total_timeout or 4.0) / 4)
+
+
 class UpstreamClient:
     """Pools by ``(host, port)``, and the request entry point for plain-HTTP upstreams."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, total_timeout: float | None, keepalive_s: float) -> None:
+    def __init__(
+        self, *, connect_timeout: float, read_timeout: float, total_timeout: float | None, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.total_timeout = total_timeout
         self.keepalive_s = keepalive_s
         self._pools: dict[tuple[str, int], Pool] = {}
+
+    def configure(self, *, connect_timeout: float, read_timeout: float, total_timeout: float | None) -> None:
+        """New timeouts (config reload), for new pools and for every pool already open:
+        requests sent from now on use them (one already waiting keeps its total deadline)."""
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        for pool in self._pools.values():
+            pool.set_timeouts(connect_timeout, read_timeout, total_timeout)
 
     def pool(self, host: str, port: int) -> Pool:
         """The pool for ``host:port`` (made on first use; needs the running loop)."""

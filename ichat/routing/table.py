@@ -1,9 +1,11 @@
 """The routing table: model name -> pool of endpoints, with each endpoint's live state.
 
-Static routes are put in at startup; the worker registry (a later module) upserts and removes
-workers and flips ``routable``. The proxy asks for ``candidates(model, now)``, lets the model's
-policy pick one, and reports the outcome with ``record_success`` / ``record_failure``, which
-drive a per-endpoint circuit breaker:
+Static routes are put in at startup; the control plane (``ichat.gateway.control``) upserts and
+removes workers, flips ``routable``, and calls :meth:`RoutingTable.declare_unhealthy` when the
+registry finds a worker hung or gone, which tells the table's lost-listeners (the proxy wakes the
+requests waiting on it). The proxy asks for ``candidates(model, now)``, lets the model's policy
+pick one, and reports the outcome with ``record_success`` / ``record_failure``, which drive the
+endpoint's :class:`CircuitBreaker`:
 
     closed --N consecutive failures--> open (ejected until now + cooldown)
     open --cooldown passed--> half-open: offered again, but only while no request is in flight
@@ -23,6 +25,53 @@ from yarl import URL
 from ichat.routing.policy import Policy, load_policy
 
 _URL_CACHE_SIZE = 64
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+#: each state's number in the ``ichat_gateway_circuit_breaker_state`` gauge
+BREAKER_STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+
+@attrs.define(slots=True)
+class CircuitBreaker:
+    """One endpoint's circuit breaker: consecutive failures open it for a cool-down, after
+    which it lets requests through again, one at a time, until one succeeds (closed) or fails
+    (open again). Pure: time is an argument."""
+
+    failures_to_open: int = 3
+    cooldown_s: float = 10.0
+    #: consecutive failures (connect errors, resets, 502/503)
+    failures: int = 0
+    #: monotonic seconds until which it stays open; 0 = not open
+    open_until: float = 0.0
+
+    def state(self, now: float) -> str:
+        if self.open_until > now:
+            return OPEN
+        return HALF_OPEN if self.failures >= self.failures_to_open else CLOSED
+
+    def allows(self, now: float, inflight: int = 0) -> bool:
+        """Whether a request may go through now, given the endpoint's requests in flight
+        (half-open: one probe at a time, the others wait for its verdict)."""
+        if self.open_until > now:
+            return False
+        return not (self.failures >= self.failures_to_open and inflight > 0)
+
+    def on_success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def on_failure(self, now: float) -> bool:
+        """Count a failure; True when this one opens the breaker."""
+        self.failures += 1
+        if self.failures >= self.failures_to_open:
+            self.open_until = now + self.cooldown_s
+            return True
+        return False
+
+    @property
+    def tripped(self) -> bool:
+        """Anything to reset on success (cheap test on the hot path)."""
+        return bool(self.failures or self.open_until)
 
 
 @attrs.define(slots=True, eq=False)
@@ -47,10 +96,7 @@ class Endpoint:
     reported_load: int = 0
     #: set by the registry (healthy and ready); static routes start routable
     routable: bool = True
-    #: consecutive failures (connect errors, resets, 502/503)
-    failures: int = 0
-    #: monotonic seconds until which the endpoint is ejected; 0 = not ejected
-    ejected_until: float = 0.0
+    breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker, repr=False)
     _auth: str | None = attrs.field(default=None, init=False, repr=False)
     _urls: dict[str, URL] = attrs.field(factory=dict, init=False, repr=False)
 
@@ -78,7 +124,21 @@ class Endpoint:
         return url
 
     def is_ejected(self, now: float) -> bool:
-        return self.ejected_until > now
+        return self.breaker.open_until > now
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures its breaker counted."""
+        return self.breaker.failures
+
+    @failures.setter
+    def failures(self, value: int) -> None:
+        self.breaker.failures = value
+
+    @property
+    def ejected_until(self) -> float:
+        """Monotonic seconds until which its breaker is open; 0 = not open."""
+        return self.breaker.open_until
 
 
 class RoutingTable:
@@ -99,6 +159,7 @@ class RoutingTable:
         self._endpoints: dict[str, Endpoint] = {}
         self._pools: dict[str, list[Endpoint]] = {}
         self._policies: dict[str, Policy] = {}
+        self._lost_listeners: list[Callable[[Endpoint], None]] = []
         # Fail at startup, not on the first request, if a policy name is wrong.
         for name in {default_policy, *self._per_model.values()}:
             policy_loader(name)
@@ -114,6 +175,23 @@ class RoutingTable:
         self._failures_to_eject = failures_to_eject
         self._cooldown_s = cooldown_s
         self._policies.clear()  # re-created on the next request with the new names
+        for endpoint in self._endpoints.values():
+            endpoint.breaker.failures_to_open = failures_to_eject
+            endpoint.breaker.cooldown_s = cooldown_s
+
+    def add_lost_listener(self, listener: Callable[[Endpoint], None]) -> None:
+        """Call ``listener(endpoint)`` when an endpoint is declared unhealthy."""
+        self._lost_listeners.append(listener)
+
+    def declare_unhealthy(self, endpoint_id: str) -> None:
+        """The control plane found this worker hung or unreachable: out of rotation, and
+        whoever waits on it is told now (not when its own timeouts would fire)."""
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            return
+        endpoint.routable = False
+        for listener in self._lost_listeners:
+            listener(endpoint)
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -125,6 +203,8 @@ class RoutingTable:
         """
         current = self._endpoints.get(endpoint.id)
         if current is None:
+            endpoint.breaker.failures_to_open = self._failures_to_eject
+            endpoint.breaker.cooldown_s = self._cooldown_s
             self._endpoints[endpoint.id] = endpoint
             self._pools.setdefault(endpoint.model_name, []).append(endpoint)
             return endpoint
@@ -179,15 +259,7 @@ class RoutingTable:
         pool = self._pools.get(model)
         if not pool:
             return []
-        threshold = self._failures_to_eject
-        return [
-            ep
-            for ep in pool
-            if ep.routable
-            and ep.ejected_until <= now
-            # half-open: one probe at a time, the others wait for its verdict
-            and not (ep.failures >= threshold and ep.inflight > 0)
-        ]
+        return [ep for ep in pool if ep.routable and ep.breaker.allows(now, ep.inflight)]
 
     def policy_for(self, model: str) -> Policy:
         policy = self._policies.get(model)
@@ -203,13 +275,8 @@ class RoutingTable:
     # -- outcomes (circuit breaker) ------------------------------------------------------------
 
     def record_success(self, endpoint: Endpoint) -> None:
-        endpoint.failures = 0
-        endpoint.ejected_until = 0.0
+        endpoint.breaker.on_success()
 
     def record_failure(self, endpoint: Endpoint, now: float) -> bool:
         """Count a failure; returns True when this failure ejects the endpoint."""
-        endpoint.failures += 1
-        if endpoint.failures >= self._failures_to_eject:
-            endpoint.ejected_until = now + self._cooldown_s
-            return True
-        return False
+        return endpoint.breaker.on_failure(now)

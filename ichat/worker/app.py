@@ -134,7 +134,10 @@ async def handle_openai(route: str, request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
 
+    # The gateway always sends an id of its own making (unguessable); a client's own id comes
+    # beside it as a correlation id, for log lines only, never the engine's key.
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    correlation = _correlation(request.headers.get("X-Ichat-Correlation-Id"))
 
     async def is_disconnected() -> bool:
         transport = request.transport
@@ -177,9 +180,22 @@ async def handle_openai(route: str, request: web.Request) -> web.StreamResponse:
         return response
     finally:
         state.inflight -= 1
+        elapsed = time.monotonic() - started
         metrics.inflight.labels(route).dec()
         metrics.requests.labels(route, str(status)).inc()
-        metrics.duration.labels(route).observe(time.monotonic() - started)
+        metrics.duration.labels(route).observe(elapsed)
+        log.info(
+            "request %s%s %s -> %d in %.3fs",
+            request_id, f" (correlation {correlation})" if correlation else "", request.path, status, elapsed,
+        )  # fmt: skip
+
+
+def _correlation(value: str | None) -> str | None:
+    """A client's correlation id as the gateway passed it: printable ASCII, bounded."""
+    if not value:
+        return None
+    cleaned = "".join(c for c in value[:200] if "!" <= c <= "~")
+    return cleaned or None
 
 
 async def handle_models(request: web.Request) -> web.Response:

@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from ichat.gateway.app import TABLE_KEY
-from ichat.gateway.proxy import Proxy, _Target, form_fields
+from ichat.gateway.proxy import Proxy, _Target
+from ichat.gateway.sniff import form_fields
 from .fakes import FakeClock, FakeUpstream, MakeGateway, MakeUpstream
 
 CHAT = "/v1/chat/completions"
@@ -182,8 +183,25 @@ async def test_headers_hop_by_hop_dropped_request_id_and_upstream_key(fake_upstr
     assert request_id and seen["X-Request-Id"] == request_id
     assert resp.headers.getall("Server") == [resp.headers["Server"]]  # ours only, not duplicated
 
-    resp = await client.post(CHAT, json={"model": "m"}, headers={"X-Request-Id": "req-42"})
-    assert resp.headers["X-Request-Id"] == "req-42" and a.requests[1]["headers"]["X-Request-Id"] == "req-42"
+    assert "X-Ichat-Correlation-Id" not in seen  # the client sent no id of its own
+
+
+async def test_client_request_id_is_a_correlation_id_never_the_engine_key(fake_upstream: MakeUpstream, gateway: MakeGateway):
+    """Two clients reusing one X-Request-Id reach the worker under two different, random ids
+    (the engine keys aborts by it: one client must not be able to name another's generation)."""
+    a = await fake_upstream("a")
+    client = await gateway({"routes": routes("m", a)})
+
+    answers = await asyncio.gather(
+        *(client.post(CHAT, json={"model": "m"}, headers={"X-Request-Id": "req-42", "X-Ichat-Correlation-Id": "forged"}) for _ in range(2))
+    )
+
+    assert [r.headers["X-Request-Id"] for r in answers] == ["req-42", "req-42"]  # echoed as it came
+    sent = [r["headers"] for r in a.requests]
+    ids = [h["X-Request-Id"] for h in sent]
+    assert "req-42" not in ids and ids[0] != ids[1]
+    assert all(len(i) == 24 and int(i, 16) >= 0 for i in ids)  # 96 random bits, hex
+    assert [h.getall("X-Ichat-Correlation-Id") for h in sent] == [["req-42"], ["req-42"]]  # the client's forgery dropped
 
 
 @pytest.mark.parametrize("auth_on", [False, True])

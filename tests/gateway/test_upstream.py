@@ -16,7 +16,9 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from ichat.config import RoutingSettings
-from ichat.gateway.proxy import Proxy, request_head, split_request_headers
+from ichat.gateway.headers import request_head, split_request_headers
+from ichat.gateway.metrics import GatewayMetrics
+from ichat.gateway.proxy import Proxy
 from ichat.gateway.upstream import (
     HIGH_WATER,
     ConnectFailed,
@@ -438,7 +440,11 @@ async def test_idle_connections_expire(upstream):
 async def test_proxy_builds_the_upstream_request_head(api_base: str, pooled: bool, host_line: bytes, path: bytes | None):
     """The api_base's host and path prefix, the client's headers less hop-by-hop ones (and
     those its Connection header names), then the endpoint's key, the request id and the length."""
-    proxy = Proxy(RoutingTable(), RoutingSettings(), rng=random.Random(0), clock=lambda: 0.0, forward_client_auth=False)
+    table = RoutingTable()
+    proxy = Proxy(
+        table, RoutingSettings(), upstreams=UpstreamClient(connect_timeout=1, read_timeout=1, total_timeout=None),
+        rng=random.Random(0), clock=lambda: 0.0, forward_client_auth=False, metrics=GatewayMetrics(table),
+    )  # fmt: skip
     try:
         target = proxy._target(api_base)
         assert (target.pool is not None) is pooled and target.host_line == host_line
@@ -450,10 +456,10 @@ async def test_proxy_builds_the_upstream_request_head(api_base: str, pooled: boo
             headers={"Host": "gw", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-Keep": "2", "Expect": "100-continue"},
         )
         forwarded, _, _ = split_request_headers(request.raw_headers)
-        head = request_head(request, target, forwarded, b"Bearer k", b"rid", 7)
+        head = request_head(request, target.path_prefix, target.host_line, forwarded, b"Bearer k", b"rid", b"cid", 7)
         assert head == (
-            b"POST " + path + b" HTTP/1.1\r\n" + host_line
-            + b"X-Keep: 2\r\nAuthorization: Bearer k\r\nX-Request-Id: rid\r\nContent-Length: 7\r\n\r\n"
+            b"POST " + path + b" HTTP/1.1\r\n" + host_line + b"X-Keep: 2\r\nAuthorization: Bearer k\r\n"
+            + b"X-Request-Id: rid\r\nX-Ichat-Correlation-Id: cid\r\nContent-Length: 7\r\n\r\n"
         )  # fmt: skip
     finally:
         proxy.close()

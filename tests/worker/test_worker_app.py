@@ -54,3 +54,19 @@ async def test_no_gpu_means_no_gpu_series_and_loading_is_503(aiohttp_client):
         assert resp.status == 200 and "stub answer" in (await resp.text())
     finally:
         await state.engine.shutdown()
+
+
+async def test_request_log_line_names_the_id_and_the_correlation_id(aiohttp_client, caplog):
+    state, factory, spec, app = await make_app([])
+    state.engine, state.phase = await factory.start(spec), READY
+    client = await aiohttp_client(app)
+    try:
+        with caplog.at_level("INFO", logger="ichat.worker"):
+            headers = {"X-Request-Id": "0123abcd", "X-Ichat-Correlation-Id": "client-77 forged"}
+            resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers)
+        assert resp.status == 200 and resp.headers["X-Request-Id"] == "0123abcd"
+        assert (await resp.json())["id"] == "stub-0123abcd"  # the engine's key is the gateway's id
+        lines = [r.getMessage() for r in caplog.records if r.name == "ichat.worker"]
+        assert any("request 0123abcd (correlation client-77forged) /v1/chat/completions -> 200" in line for line in lines), lines
+    finally:
+        await state.engine.shutdown()
