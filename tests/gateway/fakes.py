@@ -28,15 +28,20 @@ class FakeUpstream:
     ``behaviour``: "json" (answer with a JSON body naming itself), "stream" (SSE chunks),
     "status" (answer ``status`` with a JSON error), "reset" (close the connection before any
     byte), "die_mid_stream" (two SSE chunks, then drop the connection), "die_mid_chunked" (the
-    same with a non-SSE chunked body), "hang" (never answer), "gzip" (a gzip-encoded body), "echo" (the request body back).
+    same with a non-SSE chunked body), "hang" (never answer), "gzip" (a gzip-encoded body), "echo" (the request body back),
+    "story" (a deterministic OpenAI chat/completions stream, see :meth:`_story`).
     """
 
-    def __init__(self, name: str, behaviour: str = "json", *, status: int = 200, chunks: int = 3, delay: float = 0.0):
+    def __init__(
+        self, name: str, behaviour: str = "json", *, status: int = 200, chunks: int = 3, delay: float = 0.0, die_after: int | None = None
+    ):
         self.name = name
         self.behaviour = behaviour
         self.status = status
         self.chunks = chunks
         self.delay = delay
+        #: "story": drop the connection after this many content chunks (a worker killed mid-stream)
+        self.die_after = die_after
         self.hits = 0
         self.requests: list[dict[str, Any]] = []
         #: set when a request's handler ended without finishing its answer (client went away)
@@ -120,6 +125,60 @@ class FakeUpstream:
     async def _die_mid_chunked(self, request: web.Request, body: bytes) -> web.StreamResponse:
         return await self._die(request, "application/x-ndjson")
 
+    async def _story(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """A stand-in for a greedy model: its whole answer is always ``STORY`` (one word a token),
+        continued from wherever the request's text leaves off, as vLLM does with
+        ``continue_final_message`` (chat) or a longer prompt (completions). Honours
+        ``max_tokens`` and ``stream_options``; stops at ``die_after`` chunks when set."""
+        req = orjson.loads(body)
+        chat = "messages" in req
+        if chat:
+            last = req["messages"][-1]
+            assert not req.get("continue_final_message") or last["role"] == "assistant"
+            assert not req.get("continue_final_message") or req.get("add_generation_prompt") is False
+            so_far = last["content"] if req.get("continue_final_message") else ""
+        else:
+            so_far = req["prompt"][len(STORY_PROMPT) :]
+        assert STORY_TEXT.startswith(so_far), so_far
+        done = len(so_far.split())
+        words = STORY[done:][: req.get("max_tokens") or len(STORY)]
+        options = req.get("stream_options") or {}
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        rid, created = f"chatcmpl-{self.name}-{self.hits}", 1700000000 + self.hits
+        prompt_tokens = 7 + done
+
+        def event(choice: dict[str, Any], n: int, usage: bool) -> bytes:
+            chunk: dict[str, Any] = {
+                "id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": f"served-by-{self.name}", "choices": [choice],
+            }  # fmt: skip
+            if usage:
+                chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+        continuous = bool(options.get("continuous_usage_stats"))
+        if chat:
+            await out.write(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}, 0, continuous))
+        for n, word in enumerate(words, 1):
+            if self.die_after is not None and n > self.die_after:
+                assert request.transport is not None
+                request.transport.abort()
+                await asyncio.sleep(0.05)
+                return out
+            piece = word + " "
+            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+            finish = "stop" if done + n == len(STORY) else ("length" if n == len(words) else None)
+            choice["finish_reason"] = finish
+            await out.write(event(choice, n, continuous))
+            await asyncio.sleep(0)
+        if options.get("include_usage"):
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words), "total_tokens": prompt_tokens + len(words)}
+            await out.write(b"data: " + orjson.dumps({"id": rid, "object": "x", "created": created, "model": "m", "choices": [], "usage": usage}) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
     async def _reset(self, request: web.Request, body: bytes) -> web.Response:
         assert request.transport is not None
         request.transport.abort()
@@ -129,6 +188,11 @@ class FakeUpstream:
     async def _hang(self, request: web.Request, body: bytes) -> web.Response:
         await asyncio.sleep(3600)
         return web.Response()
+
+
+STORY = [f"w{i}" for i in range(20)]
+STORY_TEXT = "".join(word + " " for word in STORY)
+STORY_PROMPT = "Tell a story:"
 
 
 class NoCancellationTestServer(TestServer):
