@@ -1,22 +1,12 @@
-"""The proxy's upstream HTTP/1.1 client: keep-alive connections on asyncio protocols.
+"""Keep-alive connections to plain-HTTP upstreams, on asyncio protocols.
 
 Why not ``aiohttp.ClientSession`` for everything: profiling the gateway at concurrency 32 put
 most of a proxied request's CPU inside ``ClientSession._request`` (request and response
 objects, header multidicts, payload registry, timers, a StreamReader per answer), for a
 request whose bytes the proxy already has and an answer it relays untouched. This client does
-the least that forwarding needs: one pre-built request head plus the body in one write, a
-response parser that only frames (status line, headers, then ``Content-Length``, ``chunked``
-or read-until-close), and per-host pools of idle keep-alive connections. Plain ``http://``
-upstreams (the workers) use it; anything else (``https://``) goes through the aiohttp
-session, wrapped to look the same (:class:`AiohttpResponse`).
-
-Errors, translated here once (``raise ... from exc``) so that the proxy sees only these:
-
-    UpstreamFailure           .kind names the ``ichat_gateway_upstream_errors_total`` label
-    ├── ConnectFailed         "connect": no TCP connection (refused, unreachable, timed out)
-    ├── ReadTimeout           "timeout": no answer within ``read_timeout``, or past ``total``
-    └── ConnectionBroken      "reset":   closed or reset before or while answering
-        └── ProtocolError               an answer that is not HTTP/1.x as we can frame it
+the least that forwarding needs: one pre-built request head plus the body in one write, the
+sans-IO response parser of :mod:`.parser` to frame the answer, and per-host pools of idle
+keep-alive connections.
 
 Connection reuse: an idle connection the upstream closed is dropped from its pool when the
 loop sees the close, so the next request opens a new one. When the close crosses our request
@@ -26,24 +16,22 @@ connection, because the upstream never read it. The proxy itself already treats 
 the first byte" as retryable, so this retry only keeps that race out of the failure counts.
 
 Backpressure: a response buffers at most ``HIGH_WATER`` bytes its reader has not taken; past
-that the connection stops reading from the socket until the reader catches up.
+that the connection stops reading from the socket until the reader catches up. A reader that
+wants the whole body (``read()``) turns it off: the caller bounds what it reads whole.
+
+Timeouts: one sweeper per pool checks the busy connections (a timer per request would cost
+more than the rest of the client's bookkeeping). :meth:`UpstreamClient.configure` changes them
+for every pool, those already open included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
-from typing import Any
 
-import aiohttp
+from ichat.gateway.upstream.errors import ConnectFailed, ConnectionBroken, ProtocolError, ReadTimeout, UpstreamFailure
+from ichat.gateway.upstream.parser import DONE, HEAD, IDLE, ResponseParser
 
-from ichat.errors import IChatError
-
-RawHeaders = Sequence[tuple[bytes, bytes]]
-
-#: an answer's head (status line and headers) larger than this is refused
-MAX_HEAD = 64 * 1024
 #: unread bytes a response buffers before the connection pauses reading
 HIGH_WATER = 256 * 1024
 #: bodies up to this size are appended to the head in one write; larger ones go as a second buffer
@@ -52,44 +40,9 @@ _JOIN_BODY_MAX = 64 * 1024
 KEEPALIVE_S = 60.0
 
 
-class UpstreamFailure(IChatError):
-    """An upstream call failed; the proxy turns it into a client-facing 502/504."""
-
-    kind = "reset"
-    status = 502
-    type = "upstream_error"
-    code = "upstream_error"
-
-
-class ConnectFailed(UpstreamFailure):
-    kind = "connect"
-
-
-class ReadTimeout(UpstreamFailure):
-    kind = "timeout"
-
-
-class ConnectionBroken(UpstreamFailure):
-    kind = "reset"
-
-    def __init__(self, message: str, *, answered: bool = False) -> None:
-        super().__init__(message)
-        #: whether any byte of the answer had arrived
-        self.answered = answered
-
-
-class ProtocolError(ConnectionBroken):
-    pass
-
-
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-# Parser states
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(9)
-
-
 class UpstreamResponse:
-    """An answer being received. ``read()`` the whole body, or ``read_chunk()`` until b"".
+    """An answer being received: the head's fields (see :class:`.parser.ResponseHead`), then
+    ``read()`` the whole body, or ``read_chunk()`` until b"".
 
     ``close()`` when done with it: a no-op once the body was read to the end (the connection
     went back to its pool then); otherwise it closes the connection, which tells the upstream
@@ -105,7 +58,7 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         #: (name, value) pairs as received, hop-by-hop ones included
-        self.headers: RawHeaders = ()
+        self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
         #: the Content-Type header, lower-cased (b"" when absent)
         self.content_type = b""
@@ -207,16 +160,16 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self.state = _IDLE
-        self.reusable = True
+        self.parser = ResponseParser(self._on_head, self._on_body, self._complete)
         self.paused = False
         self.idle_since = 0.0
-        self._buf = b""
-        self._remaining = 0  # body bytes (Content-Length) or chunk bytes still to come
         self._answered = False
-        self._request_is_head = False
         self._last_data = 0.0  # loop time of the last byte received (read timeout)
         self._deadline = 0.0  # loop time by which the whole answer must be in (total timeout)
+
+    @property
+    def state(self) -> int:
+        return self.parser.state
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -233,17 +186,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.reusable = False
         self.pool.forget(self)
-        state = self.state
-        if state == _IDLE:
+        parser = self.parser
+        state = parser.state
+        if parser.feed_eof() or state in (IDLE, DONE):
             return
-        if state == _UNTIL_CLOSE:
-            self._complete()
-            return
-        if state == _DONE:
-            return
-        what = "before answering" if state == _HEAD and not self._answered else "mid-response"
+        what = "before answering" if state == HEAD and not self._answered else "mid-response"
         detail = f": {exc}" if exc else ""
         self._fail(ConnectionBroken(f"upstream closed the connection {what}{detail}", answered=self._answered))
 
@@ -251,30 +199,37 @@ class _Connection(asyncio.Protocol):
         return False  # close our side too; connection_lost follows
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None or self.state == _DONE:
+        if self.response is None or self.parser.state == DONE:
             # Bytes nobody asked for: the upstream is out of step with us. Never reuse.
             self.abort()
             return
         self._answered = True
         self._last_data = self.loop.time()
         try:
-            if self.state == _HEAD:
-                data = self._parse_head(data)
-            if data:
-                self._parse_body(data)
+            self.parser.feed(data)
         except ProtocolError as exc:
             self._fail(exc)
             self.abort()
 
+    # -- the parser's callbacks --------------------------------------------------------------
+
+    def _on_head(self) -> None:
+        waiter = self.head_waiter
+        self.head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self.response)  # type: ignore[arg-type]
+
+    def _on_body(self, data: bytes) -> None:
+        self.response._feed(data)  # type: ignore[union-attr]
+
     # -- requests ----------------------------------------------------------------------------
 
     def send(self, head: bytes, body: bytes, deadline: float, method_head: bool) -> UpstreamResponse:
-        assert self.transport is not None and self.state == _IDLE
+        assert self.transport is not None and self.parser.state == IDLE
         response = self.response = UpstreamResponse(self)
         self.head_waiter = self.loop.create_future()
-        self.state = _HEAD
+        self.parser.start(response, method_head)
         self._answered = False
-        self._request_is_head = method_head
         self._deadline = deadline
         self._last_data = self.loop.time()
         self.pool.watch(self)
@@ -298,141 +253,16 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close now, discarding unsent bytes: the upstream sees the request abandoned."""
-        self.reusable = False
+        self.parser.reusable = False
         transport = self.transport
         if transport is not None:
             transport.abort()
-        elif self.state not in (_IDLE, _DONE):
+        elif self.parser.state not in (IDLE, DONE):
             self._fail(ConnectionBroken("connection closed"))
-
-    # -- parsing -----------------------------------------------------------------------------
-
-    def _parse_head(self, data: bytes) -> bytes:
-        buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0 or end > MAX_HEAD:
-                if len(buf) > MAX_HEAD:
-                    raise ProtocolError("upstream response head is too large")
-                self._buf = buf
-                return b""
-            self._buf = b""
-            response = self.response
-            assert response is not None
-            _parse_response_head(buf[:end], response)
-            buf = buf[end + 4 :]
-            if 100 <= response.status < 200 and response.status != 101:
-                continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            break
-        if response.status == 101:
-            raise ProtocolError("upstream switched protocols")
-        if not response.keep_alive:
-            self.reusable = False
-        if self._request_is_head or response.status in (204, 304):
-            self.state = _DONE
-        elif response.chunked:
-            self.state = _CHUNK_SIZE
-        elif response.content_length is not None:
-            self._remaining = response.content_length
-            self.state = _LENGTH if self._remaining else _DONE
-        else:
-            self.state = _UNTIL_CLOSE
-            self.reusable = False
-        waiter = self.head_waiter
-        self.head_waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
-        if self.state == _DONE:
-            if buf:
-                raise ProtocolError("upstream sent bytes after a bodiless answer")
-            self._complete()
-        return buf
-
-    def _parse_body(self, data: bytes) -> None:
-        response = self.response
-        assert response is not None
-        state = self.state
-        if state == _LENGTH:
-            remaining = self._remaining
-            if len(data) < remaining:
-                self._remaining = remaining - len(data)
-                response._feed(data)
-                return
-            if len(data) > remaining:
-                # The answer is whole; what follows it is garbage: never reuse this connection.
-                data = data[:remaining]
-                self.reusable = False
-            response._feed(data)
-            self._complete()
-            return
-        if state == _UNTIL_CLOSE:
-            response._feed(data)
-            return
-        self._parse_chunks(data, response)
-
-    def _parse_chunks(self, data: bytes, response: UpstreamResponse) -> None:
-        # Hot for streams: one pass, chunk data sliced out and fed to the response once per read.
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
-        pos, end = 0, len(buf)
-        state = self.state
-        remaining = self._remaining
-        parts = []
-        while pos < end:
-            if state == _CHUNK_DATA:
-                if remaining >= end - pos:  # this read ends inside the chunk (or at its end)
-                    parts.append(buf[pos:] if pos else buf)
-                    remaining -= end - pos
-                    pos = end
-                    if remaining:
-                        break
-                else:
-                    parts.append(buf[pos : pos + remaining])
-                    pos += remaining
-                    remaining = 0
-                state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if end - pos < 2:
-                    self._buf = buf[pos:]
-                    break
-                if not buf.startswith(b"\r\n", pos):
-                    raise ProtocolError("upstream chunk data overran its size")
-                pos += 2
-                state = _CHUNK_SIZE
-            else:
-                line_end = buf.find(b"\r\n", pos)
-                if line_end < 0:
-                    if end - pos > 4096:
-                        raise ProtocolError("upstream chunk framing line is too long")
-                    self._buf = buf[pos:]
-                    break
-                if state == _CHUNK_SIZE:
-                    semicolon = buf.find(b";", pos, line_end)  # a chunk extension: ignored
-                    size_text = buf[pos:line_end] if semicolon < 0 else buf[pos:semicolon].rstrip(b" \t")
-                    pos = line_end + 2
-                    if not size_text or size_text.strip(_HEX_DIGITS):
-                        raise ProtocolError("upstream sent a bad chunk size")
-                    remaining = int(size_text, 16)
-                    state = _CHUNK_DATA if remaining else _TRAILERS
-                else:  # _TRAILERS: lines until an empty one; trailers are dropped
-                    empty = line_end == pos
-                    pos = line_end + 2
-                    if empty:
-                        if pos != end:
-                            self.reusable = False  # bytes after a whole answer: never reuse
-                        if parts:
-                            response._feed(parts[0] if len(parts) == 1 else b"".join(parts))
-                        self._complete()
-                        return
-        self.state = state
-        self._remaining = remaining
-        if parts:
-            response._feed(parts[0] if len(parts) == 1 else b"".join(parts))
 
     # -- endings -----------------------------------------------------------------------------
 
     def _complete(self) -> None:
-        self.state = _DONE
         self.pool.unwatch(self)
         response = self.response
         self.response = None
@@ -441,7 +271,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if not self.reusable or transport.get_write_buffer_size():
+        if not self.parser.reusable or transport.get_write_buffer_size():
             # An answer that came before our request body was all sent (an early 413, say):
             # the rest of the body would be read as the next request. Never reuse.
             transport.close()
@@ -449,12 +279,13 @@ class _Connection(asyncio.Protocol):
         if self.paused:
             self.paused = False
             transport.resume_reading()
-        self.state = _IDLE
+        self.parser.state = IDLE
         self.pool.release(self)
 
     def _fail(self, exc: UpstreamFailure) -> None:
-        self.state = _DONE
-        self.reusable = False
+        parser = self.parser
+        parser.state = DONE
+        parser.reusable = False
         self.pool.unwatch(self)
         waiter = self.head_waiter
         self.head_waiter = None
@@ -467,7 +298,8 @@ class _Connection(asyncio.Protocol):
 
     def check_timeouts(self, now: float, read_timeout: float) -> None:
         """Called by the pool's sweeper while a request is in flight."""
-        if self.state in (_IDLE, _DONE):
+        state = self.parser.state
+        if state in (IDLE, DONE):
             self.pool.unwatch(self)
             return
         if now >= self._deadline:
@@ -476,77 +308,11 @@ class _Connection(asyncio.Protocol):
             self._last_data = now  # our reader is slow, not the upstream
             return
         elif now - self._last_data >= read_timeout:
-            what = "answer" if self.state == _HEAD else "send more"
+            what = "answer" if state == HEAD else "send more"
             self._fail(ReadTimeout(f"upstream did not {what} within {read_timeout:g} s"))
         else:
             return
         self.abort()
-
-
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _CONTENT_TYPE = 1, 2, 3, 4
-#: the headers the parser acts on (looked up once per header line)
-_FRAMING = {
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-    b"content-type": _CONTENT_TYPE,
-}
-
-
-def _parse_response_head(head: bytes, response: UpstreamResponse) -> None:
-    lines = head.split(b"\r\n")
-    status_line = lines[0]
-    version = status_line[:8]
-    code = status_line[9:12]
-    if (
-        (version != b"HTTP/1.1" and version != b"HTTP/1.0")
-        or status_line[8:9] != b" "
-        or not code.isdigit()
-        or status_line[12:13] not in (b" ", b"")
-    ):
-        raise ProtocolError("upstream did not answer with HTTP/1.x")
-    response.status = int(code)
-    response.reason = status_line[13:].decode("latin-1")
-    keep_alive = version == b"HTTP/1.1"
-    length: int | None = None
-    chunked = False
-    content_type = b""
-    headers = []
-    framing = _FRAMING.get
-    del lines[0]
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        # No name, whitespace before the colon, or an obsolete folded line: RFC 9112 §5.
-        if not sep or name[-1:] in b" \t" or line[0] in b" \t":
-            raise ProtocolError("upstream sent a malformed header line")
-        value = value.strip(b" \t")
-        headers.append((name, value))
-        kind = framing(name.lower())
-        if kind is None:
-            continue
-        if kind == _CONTENT_LENGTH:
-            if not value.isdigit() or (length is not None and int(value) != length):
-                raise ProtocolError("upstream sent a bad Content-Length")
-            length = int(value)
-        elif kind == _CONTENT_TYPE:
-            content_type = value.lower()
-        elif kind == _TRANSFER_ENCODING:
-            if value.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise ProtocolError("upstream sent a transfer coding other than chunked")
-            chunked = True
-        else:  # Connection
-            tokens = {t.strip() for t in value.lower().split(b",")}
-            if b"close" in tokens:
-                keep_alive = False
-            elif b"keep-alive" in tokens:
-                keep_alive = True
-    if chunked:
-        length = None  # RFC 9112 §6.3: Transfer-Encoding wins over Content-Length
-    response.headers = headers
-    response.content_length = length
-    response.content_type = content_type
-    response.chunked = chunked
-    response.keep_alive = keep_alive
 
 
 class Pool:
@@ -738,61 +504,3 @@ class UpstreamClient:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-
-
-# -- the aiohttp fallback (https, anything the small client does not speak) ---------------------
-
-
-class AiohttpResponse:
-    """An ``aiohttp.ClientResponse`` behind :class:`UpstreamResponse`'s interface, with its
-    errors translated to ours."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason or ""
-        self.headers: RawHeaders = response.raw_headers
-        self.content_length = response.content_length
-        self.content_type = response.headers.get("Content-Type", "").lower().encode("latin-1", "replace")
-        self.chunked = response.headers.get("Transfer-Encoding", "").lower().endswith("chunked")
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _translate(exc, answered=True) from exc
-
-    async def read_chunk(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _translate(exc, answered=True) from exc
-
-    def close(self) -> None:
-        self._response.close()
-
-
-def _translate(exc: BaseException, *, answered: bool) -> UpstreamFailure:
-    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError)):
-        return ConnectFailed(str(exc))
-    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-        return ReadTimeout(str(exc) or "upstream did not answer in time")
-    return ConnectionBroken(f"{type(exc).__name__}: {exc}", answered=answered)
-
-
-async def aiohttp_request(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    headers: Any,
-    body: bytes,
-    timeout: aiohttp.ClientTimeout | None = None,
-) -> AiohttpResponse:
-    try:
-        if timeout is None:
-            response = await session.request(method, url, data=body, headers=headers)
-        else:
-            response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise _translate(exc, answered=False) from exc
-    return AiohttpResponse(response)
