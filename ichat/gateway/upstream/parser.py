@@ -4,7 +4,7 @@ It only frames (RFC 9112): the status line and headers, then a body delimited by
 ``Content-Length``, by ``chunked`` coding, or by the connection's close; interim answers
 (``1xx`` other than 101) are skipped; a bodiless answer (to HEAD, 204, 304) ends at its head.
 What it cannot frame safely is a :class:`~ichat.gateway.upstream.errors.ProtocolError`:
-a malformed status or header line, conflicting or non-numeric ``Content-Length``, a transfer
+a malformed status or header line, a bare CR, LF or NUL in the head, conflicting or non-numeric ``Content-Length``, a transfer
 coding other than ``chunked``, bad chunk framing, a head over ``MAX_HEAD``. Trailers are dropped.
 
 Use: ``parser.start(target, method_head)`` before each answer (``target`` receives the head's
@@ -227,6 +227,11 @@ _FRAMING = {
 
 def parse_head(head: bytes, target: Any) -> None:
     """Parse a status line and header lines (without the final blank line) into ``target``."""
+    unbroken = head.replace(b"\r\n", b"")
+    if b"\n" in unbroken or b"\r" in unbroken or b"\x00" in unbroken:
+        # A bare CR or LF ends a line for some parsers and not for others: the classic way to
+        # split one answer into two (RFC 9112 §2.2). NUL has no place in a head either.
+        raise ProtocolError("upstream sent a bare CR, LF or NUL in its response head")
     lines = head.split(b"\r\n")
     status_line = lines[0]
     version = status_line[:8]
