@@ -99,7 +99,7 @@ class _Exchange:
     """One client request as it goes: what the metrics and log lines need, and the client's
     response once it has started (a migrated stream keeps writing to it)."""
 
-    __slots__ = ("model", "endpoint", "status", "first_byte", "request_id", "correlation", "out", "splicer")
+    __slots__ = ("model", "endpoint", "status", "first_byte", "request_id", "correlation", "out", "sse", "splicer")
 
     def __init__(self) -> None:
         self.model = UNKNOWN_MODEL
@@ -109,6 +109,8 @@ class _Exchange:
         self.request_id = b""
         self.correlation: bytes | None = None
         self.out: web.StreamResponse | None = None
+        #: whether ``out`` is an SSE stream (a break ends it with an error event, not a cut)
+        self.sse = False
         self.splicer: StreamSplicer | None = None
 
     def ids(self) -> str:
@@ -289,8 +291,9 @@ class Proxy:
             self.metrics.migrated(model)
             log.warning("request %s: stream of %s continues on another replica (%d tokens sent)", exchange.ids(), model, splicer.sent_tokens())
         if exchange.out is not None:
-            # The stream started and could not be continued: it ends with the error event.
-            await self._end_broken_stream(request, exchange.out, error or UpstreamError("stream broke"), True)
+            # The answer started and could not be continued: an SSE stream ends with the error
+            # event, any other body is cut off.
+            await self._end_broken_stream(request, exchange.out, error or UpstreamError("stream broke"), exchange.sse)
             return exchange.out
         if error is not None:
             raise error
@@ -423,6 +426,12 @@ class Proxy:
             return await self._relay(request, exchange, upstream, endpoint, waiting)
         except _Broken as broken:
             return broken.error
+        except asyncio.CancelledError:
+            # Woken (the endpoint was declared unhealthy) at an await not handled above, such as
+            # sending the client its response head: the caller ends or continues the answer.
+            if not waiting.ours():
+                raise
+            return self._lost_mid_answer(endpoint, exchange)
         finally:
             endpoint.inflight -= 1
             bucket.discard(waiting)
@@ -470,12 +479,12 @@ class Proxy:
             out.content_length = length  # a large file: relayed in pieces, with its length
         if not sse or upstream.status != 200:
             exchange.splicer = None  # not a stream of chunks: nothing to migrate
+        exchange.out, exchange.sse = out, sse  # from here on, a failure cannot be retried afresh
         try:
             await out.prepare(request)
         except ConnectionError:
             exchange.status = CLIENT_CLOSED
             return out  # the client left before the headers went out
-        exchange.out = out
         return await self._relay_stream(request, exchange, upstream, endpoint, waiting, out)
 
     async def _relay_stream(
