@@ -72,6 +72,8 @@ class StreamSplicer:
         self.done = False
         self.finished = False  # a finish_reason was relayed
         self.broken_format = False
+        #: whitespace the client has and the next replica was not shown (see continuation_body)
+        self.skip = ""
         self._buffer = b""
 
     # -- requests ----------------------------------------------------------------------------
@@ -89,9 +91,13 @@ class StreamSplicer:
     def sent_tokens(self) -> int:
         return self.tokens_before + self.segment_tokens
 
+    def can_continue(self) -> bool:
+        """Whether the answer is unfinished and could go on elsewhere."""
+        return not (self.done or self.finished or self.broken_format)
+
     def continuation_body(self) -> bytes | None:
         """The next replica's request, or None when the stream cannot be continued."""
-        if self.done or self.finished or self.broken_format:
+        if not self.can_continue():
             return None
         body = copy.deepcopy(self.original)
         sent = self.sent_tokens()
@@ -102,12 +108,17 @@ class StreamSplicer:
                     return None
                 body[key] = limit - sent
         if self.chat:
+            # Chat templates commonly trim a message's trailing whitespace, and transformers then
+            # renders the partial message without it (SmolLM2's does): send the text without it,
+            # and drop it from the front of what the next replica writes, which writes it again.
+            text = self.text.rstrip()
+            self.skip = self.text[len(text) :]
             messages = list(body["messages"])
             last = messages[-1] if messages else None
             if body.get("continue_final_message") and isinstance(last, dict) and last.get("role") == "assistant":
-                messages[-1] = {**last, "content": str(last.get("content") or "") + self.text}
+                messages[-1] = {**last, "content": str(last.get("content") or "") + text}
             else:
-                messages.append({"role": "assistant", "content": self.text})
+                messages.append({"role": "assistant", "content": text})
             body["messages"] = messages
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
@@ -184,6 +195,9 @@ class StreamSplicer:
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
                     content = delta.get("content")
+                    if self.skip and isinstance(content, str) and content:
+                        content = self._skip_whitespace(content)
+                        delta["content"] = content
                     if self.segments > 1:
                         delta.pop("role", None)  # the client had its role chunk already
                         if not content and len(delta) == 0 and not choice.get("finish_reason"):
@@ -208,6 +222,18 @@ class StreamSplicer:
         else:
             chunk.pop("usage", None)
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _skip_whitespace(self, content: str) -> str:
+        """Drop from ``content`` the held-back whitespace the next replica writes again."""
+        skip = self.skip
+        n = 0
+        while n < len(skip) and n < len(content) and skip[n] == content[n]:
+            n += 1
+        if n < len(content) or n == len(skip):
+            self.skip = ""  # it wrote something else, or all of it: either way, done skipping
+        else:
+            self.skip = skip[n:]
+        return content[n:]
 
     def _usage(self) -> dict[str, int]:
         prompt = self.prompt_tokens or 0

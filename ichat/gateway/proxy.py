@@ -531,7 +531,7 @@ class Proxy:
                 if not waiting.ours():
                     raise
                 raise _Broken(self._lost_mid_answer(endpoint, exchange)) from None
-        if splicer is not None and not splicer.done and splicer.continuation_body() is not None:
+        if splicer is not None and splicer.can_continue():
             # The upstream ended its body cleanly but mid-answer (no finish, no [DONE]).
             raise _Broken(UpstreamError(f"{_server(endpoint)} ended the stream early."))
         try:

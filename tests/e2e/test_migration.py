@@ -5,6 +5,13 @@ register with it. A reference answer is streamed uninterrupted; the same request
 again and, after a few chunks, the worker serving it is killed with its engine (``kill -9`` of
 its process group). The client, through the OpenAI SDK, must see one stream whose text equals
 the reference, one ``[DONE]``, and the first answer's id and model throughout.
+
+The question is one whose greedy answer has no near-ties: on vLLM's CPU build, re-reading a partial
+answer in one prefill does not always give the very logits that decoding it token by token gave,
+so where two tokens are nearly tied a continuation can pick the other one even from the exact
+token ids (measured on a free-form story: 7 of 47 cut points diverged that way, with the gateway's
+re-sent prompt token-identical to the original each time). That is the engine's arithmetic, not the
+splice; this test checks the splice, at whatever chunk the kill lands.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from tests.gateway_proc import GatewayProc
 from tests.procs import WorkerProc, smollm2_path, wait_until
 
 MODEL = "smollm2"
-QUESTION = [{"role": "user", "content": "Tell me a short story about a cat."}]
+QUESTION = [{"role": "user", "content": "Count from 1 to 40, separated by commas."}]
 MAX_TOKENS = 48
 KILL_AFTER_CHUNKS = 8
 

@@ -141,6 +141,7 @@ class FakeUpstream:
             so_far = req["prompt"][len(STORY_PROMPT) :]
         assert STORY_TEXT.startswith(so_far), so_far
         done = len(so_far.split())
+        lead = " " if chat and so_far and not so_far.endswith(" ") else ""  # the space the template trimmed
         words = STORY[done:][: req.get("max_tokens") or len(STORY)]
         options = req.get("stream_options") or {}
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -166,7 +167,7 @@ class FakeUpstream:
                 request.transport.abort()
                 await asyncio.sleep(0.05)
                 return out
-            piece = word + " "
+            piece = (lead + word + " ") if n == 1 else word + " "
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             finish = "stop" if done + n == len(STORY) else ("length" if n == len(words) else None)
             choice["finish_reason"] = finish

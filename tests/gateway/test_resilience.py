@@ -153,7 +153,8 @@ async def test_stream_continues_on_another_replica_when_its_worker_dies(
     sent = orjson.loads(spare.requests[0]["body"])
     assert sent["max_tokens"] == 11
     if route == CHAT:
-        assert sent["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2 w3 "}
+        # its trailing space held back (templates trim it) and not written twice
+        assert sent["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2 w3"}
         assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
     else:
         assert sent["prompt"] == STORY_PROMPT + "w0 w1 w2 w3 "
