@@ -17,7 +17,8 @@ summed (the original prompt's tokens, plus every completion token sent by every 
 
 Exact token counts come from the engine: the upstream request asks for
 ``stream_options: {include_usage: true, continuous_usage_stats: true}`` (vLLM), so every
-chunk carries the running usage; the splicer strips what the client did not ask for.
+chunk carries the running usage; the splicer strips what the client did not ask for. From an
+engine that sends no running usage, each chunk with text counts as one token.
 
 What it will not migrate (the stream then ends with the SSE error event, as without
 migration): ``n`` > 1, ``best_of``, ``echo``, a completions prompt that is not one string,
@@ -179,11 +180,13 @@ class StreamSplicer:
         else:
             chunk.update(self.identity)
         usage = chunk.get("usage")
+        counted = False
         if isinstance(usage, dict):
             if self.prompt_tokens is None and isinstance(usage.get("prompt_tokens"), int):
                 self.prompt_tokens = usage["prompt_tokens"]
             if isinstance(usage.get("completion_tokens"), int):
                 self.segment_tokens = usage["completion_tokens"]
+                counted = True
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             self.broken_format = True
@@ -205,10 +208,14 @@ class StreamSplicer:
                             break
                     if isinstance(content, str):
                         self.text += content
+                        if content and not counted:
+                            self.segment_tokens += 1  # an engine without running usage: a chunk a token
             else:
                 text = choice.get("text")
                 if isinstance(text, str):
                     self.text += text
+                    if text and not counted:
+                        self.segment_tokens += 1
             if choice.get("finish_reason"):
                 self.finished = True
         if not choices and chunk.get("choices"):
