@@ -5,6 +5,7 @@
     ├── EngineUnavailable           startup only: unknown backend, engine not installed
     ├── InvalidRequest              400 invalid_request_error
     ├── AuthenticationFailed        401 invalid_api_key
+    ├── PermissionDenied            403 permission_error (names the setting that would allow it)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge             413 request_too_large
@@ -61,6 +62,15 @@ class AuthenticationFailed(IChatError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(IChatError):
+    """The caller may not use this route: e.g. a route class with no credential configured is
+    served to loopback peers only. ``param`` names the config setting that would open it."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(IChatError):
