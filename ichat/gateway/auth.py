@@ -225,7 +225,7 @@ def describe_access(auth: AuthSettings, host: str) -> list[str]:
     lines = [f"who can reach what (listening on {host}{'' if network else ', loopback only'}):"]
 
     def line(name: str, routes: str, who: str) -> None:
-        lines.append(f"  {name:<8} {routes:<36} {who}")
+        lines.append(f"  {name:<8} {routes:<38} {who}")
 
     def closed(cls: str) -> str:
         return f"loopback clients only (set {_SETTING[cls]} to open it to other hosts)"
