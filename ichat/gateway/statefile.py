@@ -103,6 +103,10 @@ class LaunchedStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             return Loaded([], [])
+        except OSError as exc:
+            problem = f"cannot read {path} ({exc.strerror or exc}); no launched worker restarted"
+            log.error("%s", problem)
+            return Loaded([], [problem])
         try:
             data = orjson.loads(raw)
             entries = data["launched_workers"]

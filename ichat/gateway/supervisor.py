@@ -457,8 +457,8 @@ class Supervisor:
 
     def add(self, spec: ManagedWorkerSpec, *, launched: bool = False) -> ManagedWorker:
         worker = self._factory(spec, launched)
+        worker.start()  # a worker that cannot start is not added
         self.workers[worker.worker_id] = worker
-        worker.start()
         return worker
 
     async def remove(self, worker_id: str) -> ManagedWorker | None:
