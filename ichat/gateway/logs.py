@@ -62,6 +62,8 @@ STABLE_S = 5.0
 #: reconnect backoff: first wait and cap, seconds (each with jitter in [50%, 100%])
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 30.0
+#: a mirrored log line longer than this is cut (ring_lines x this bounds one worker's mirror)
+MAX_LINE_CHARS = 16 * 1024
 #: kernel send buffer of a /v1/logs stream: what a reader that stopped reading can pin in the
 #: kernel (Linux doubles it) before its own bounded line buffer starts dropping (see stream_logs)
 STREAM_SEND_BUFFER_BYTES = 128 * 1024
@@ -167,6 +169,9 @@ def _parse_line(data: str) -> tuple[int, float, str, str, str | None] | None:
         return None
     if not (isinstance(line_id, int) and isinstance(ts, (int, float)) and isinstance(stream, str) and isinstance(text, str)):
         return None
+    if len(text) > MAX_LINE_CHARS:  # what one worker can make the gateway hold per line
+        text = text[:MAX_LINE_CHARS] + f" [gateway: {len(text) - MAX_LINE_CHARS} more characters cut]"
+    stream = stream[:32]
     return line_id, float(ts), stream, text, level if isinstance(level, str) else None
 
 
@@ -203,8 +208,12 @@ class LogCollector:
         rng: random.Random | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         read_timeout_s: float = READ_TIMEOUT_S,
+        keep_dead: int = 32,
     ) -> None:
         self.ring_lines = ring_lines
+        #: workers no longer followed whose logs stay readable; the oldest are forgotten beyond it
+        self.keep_dead = keep_dead
+        self._dead: dict[str, None] = {}  # insertion-ordered: oldest first
         self._clock = clock
         self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(
@@ -249,6 +258,7 @@ class LogCollector:
         """Follow ``{base_url}/logs/stream`` (base_url: the worker's root, ``http://host:port``).
         Idempotent; a changed base_url restarts the link (resuming, or marking a restart)."""
         base_url = base_url.rstrip("/")
+        self._dead.pop(worker_id, None)
         record = self._record(worker_id)
         if record.base_url == base_url and record.task is not None and not record.task.done():
             return
@@ -263,9 +273,15 @@ class LogCollector:
         if record is not None:
             self._stop_task(record)
             record.base_url = None
+            # Bounded: a stream of short-lived workers must not grow the gateway's memory.
+            self._dead.pop(worker_id, None)
+            self._dead[worker_id] = None
+            while len(self._dead) > self.keep_dead:
+                self.forget(next(iter(self._dead)))
 
     def forget(self, worker_id: str) -> None:
         """Stop following and drop the worker's lines (it was removed)."""
+        self._dead.pop(worker_id, None)
         record = self._workers.pop(worker_id, None)
         if record is None:
             return
@@ -449,7 +465,7 @@ def setup_logs(
     """Add the collector (``LOGS_KEY``), its lifecycle and the /v1/logs routes to ``app``.
     ``client_key`` names the app's shared client session; add this after that session's
     cleanup_ctx, so the session opens before the collector starts and closes after it."""
-    collector = LogCollector(config.logs.ring_lines)
+    collector = LogCollector(config.logs.ring_lines, keep_dead=config.limits.dead_worker_logs)
     app[LOGS_KEY] = collector
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
