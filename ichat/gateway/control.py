@@ -457,6 +457,7 @@ class ControlPlane:
                 "reported_state": record.reported_state,
                 "heartbeat_age_s": round(record.heartbeat_age(now), 2),
                 "heartbeat_interval_s": record.heartbeat_interval,
+                "beats": record.beats,
                 "inflight_via_gateway": endpoint.inflight if endpoint else 0,
                 **record_view(record),
                 "restarts": 0,
