@@ -37,9 +37,10 @@ from ichat.config import GatewayConfig, ManagedWorkerSpec, load_config, structur
 from ichat.errors import ConfigError, NotFound, ServiceUnavailable, UnprocessableEntity
 from ichat.gateway.auth import Authenticator, Principal
 from ichat.gateway.childkeys import ChildKeys
-from ichat.gateway.registry import WorkerRecord, WorkerRegistry, admit_address, admit_claim, external_load, record_view
+from ichat.gateway.registry import WorkerRecord, WorkerRegistry, admit_address, admit_claim, external_load
 from ichat.gateway.statefile import LaunchedStore, default_state_dir
 from ichat.gateway.supervisor import RUNNING_STATES, ManagedWorker, Supervisor
+from ichat.gateway.views import cluster_status, metric_samples, worker_views
 from ichat.protocol import READY, Heartbeat
 from ichat.routing.table import Endpoint, RoutingTable
 
@@ -442,56 +443,7 @@ class ControlPlane:
     # -- views ---------------------------------------------------------------------------------
 
     def worker_views(self) -> list[dict[str, Any]]:
-        now = self._clock()
-        views: dict[str, dict[str, Any]] = {}
-        for record in self._registry.all():
-            endpoint = self._table.get(record.worker_id)
-            views[record.worker_id] = {
-                "worker_id": record.worker_id,
-                "source": record.source,
-                "model_name": record.model_name,
-                "backend": record.backend,
-                "address": record.base_url,
-                "state": self._registry.status(record, now),
-                "routable": bool(endpoint and endpoint.routable),
-                "reported_state": record.reported_state,
-                "heartbeat_age_s": round(record.heartbeat_age(now), 2),
-                "heartbeat_interval_s": record.heartbeat_interval,
-                "beats": record.beats,
-                "inflight_via_gateway": endpoint.inflight if endpoint else 0,
-                **record_view(record),
-                "restarts": 0,
-                "registered": True,
-            }
-        for worker in self._supervisor.workers.values():
-            view = views.setdefault(
-                worker.worker_id,
-                {
-                    "worker_id": worker.worker_id,
-                    "source": "managed",
-                    "model_name": worker.spec.model_name,
-                    "backend": worker.spec.backend,
-                    "address": f"http://{worker.spec.host}:{worker.spec.port}",
-                    "state": worker.state,
-                    "routable": False,
-                    "heartbeat_age_s": None,
-                    "registered": False,
-                    "gpus": [],
-                },
-            )
-            if worker.state != READY and view.get("state") in (READY, None):
-                view["state"] = worker.state
-            view.update(
-                pid=worker.pid,
-                managed_state=worker.state,
-                restarts=worker.restarts,
-                last_exit=worker.last_exit,
-                gpu_ids=list(worker.spec.gpu_ids),
-                launched=worker.launched,
-                adopted=worker.adopted,
-                message=worker.message,
-            )
-        return sorted(views.values(), key=lambda v: v["worker_id"])
+        return worker_views(self._registry, self._table, self._supervisor.workers.values(), self._clock())
 
     def worker_view(self, worker_id: str) -> dict[str, Any]:
         """One worker, with a managed one's spec and last lines; NotFound otherwise."""
@@ -508,40 +460,14 @@ class ControlPlane:
         return sorted(self._supervisor.workers)
 
     def cluster_status(self) -> dict[str, Any]:
-        views = self.worker_views()
-        by_state: dict[str, int] = {}
-        for view in views:
-            by_state[view["state"]] = by_state.get(view["state"], 0) + 1
-        models = {}
-        for name in self._table.models():
-            endpoints = self._table.endpoints(name)
-            models[name] = {"replicas": len(endpoints), "routable": sum(1 for e in endpoints if e.routable)}
-        return {
-            "gateway": {"uptime_s": round(time.time() - self.started_at, 1), "reloads": self.reloads, "config": self.config_path},
-            "workers": {"total": len(views), "by_state": by_state},
-            "models": models,
-            "gpu_ids_in_use": self._supervisor.gpu_ids_in_use(),
-            "gpus_by_worker": {v["worker_id"]: v.get("gpus", []) for v in views if v.get("gpus")},
-        }
+        return cluster_status(
+            self.worker_views(), self._table, self._supervisor.gpu_ids_in_use(),
+            gateway={"uptime_s": round(time.time() - self.started_at, 1), "reloads": self.reloads, "config": self.config_path},
+        )  # fmt: skip
 
     def metric_samples(self) -> Iterable[tuple[str, str, str, dict[str, str], float]]:
         """Scrape-time gauges for the gateway's /metrics (see ichat.gateway.metrics)."""
-        now = self._clock()
-        counts: dict[str, int] = {}
-        for view in self.worker_views():
-            counts[view["state"]] = counts.get(view["state"], 0) + 1
-        for state, count in sorted(counts.items()):
-            yield ("ichat_gateway_workers", "Workers by state", "gauge", {"state": state}, float(count))
-        for record in self._registry.all():
-            yield (
-                "ichat_gateway_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat", "gauge",
-                {"worker": record.worker_id, "model": record.model_name}, record.heartbeat_age(now),
-            )  # fmt: skip
-        for worker in self._supervisor.workers.values():
-            yield (
-                "ichat_gateway_managed_worker_restarts", "Restarts of a managed worker", "counter",
-                {"worker": worker.worker_id}, float(worker.restarts),
-            )  # fmt: skip
+        return metric_samples(self.worker_views(), self._registry.all(), self._supervisor.workers.values(), self._clock())
 
 
 def _stamp(path: str) -> tuple[int, int] | None:

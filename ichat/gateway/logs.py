@@ -43,8 +43,9 @@ import attrs
 import orjson
 from aiohttp import web
 
+from ichat.backoff import exponential
 from ichat.config import GatewayConfig
-from ichat.errors import InvalidRequest, NotFound
+from ichat.errors import InvalidRequest, LogStreamBroken, NotFound
 from ichat.logs.hub import HubGroup, LogHub
 from ichat.logs.sse import EPOCH_HEADER, KEEPALIVE_S, SSEParser, end_streams_on_shutdown, stream_logs
 
@@ -74,8 +75,7 @@ def reconnect_delay(failures: int, rng: random.Random) -> float:
 
     Exponential from FIRST_RETRY_S, capped at MAX_RETRY_S, with jitter so that the gateway does
     not reconnect to a whole fleet in lockstep after a network blip."""
-    base = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** (max(1, failures) - 1))
-    return base * rng.uniform(0.5, 1.0)
+    return exponential(failures, first=FIRST_RETRY_S, cap=MAX_RETRY_S, rng=rng)
 
 
 class LogMirror:
@@ -173,10 +173,6 @@ def _parse_line(data: str) -> tuple[int, float, str, str, str | None] | None:
         text = text[:MAX_LINE_CHARS] + f" [gateway: {len(text) - MAX_LINE_CHARS} more characters cut]"
     stream = stream[:32]
     return line_id, float(ts), stream, text, level if isinstance(level, str) else None
-
-
-class _LinkError(Exception):
-    """The worker's log stream cannot be read (an HTTP error, or it ended)."""
 
 
 @attrs.define(eq=False)
@@ -376,8 +372,8 @@ class LogCollector:
                 if await self._read_once(record, url) == "reconnect":
                     failures = 0
                     continue
-                raise _LinkError("the worker ended the stream")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, _LinkError) as exc:
+                raise LogStreamBroken("the worker ended the stream")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, LogStreamBroken) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:  # a bug must not end the following for good
                 log.exception("following the log stream of worker %s failed", record.worker_id)
@@ -400,7 +396,7 @@ class LogCollector:
         async with self._session.get(url, params=params, headers=headers, timeout=self._timeout) as resp:
             if resp.status != 200:
                 body = (await resp.content.read(500)).decode("utf-8", "replace")
-                raise _LinkError(f"HTTP {resp.status}: {body}")
+                raise LogStreamBroken(f"HTTP {resp.status}: {body}")
             if not mirror.connected(resp.headers.get(EPOCH_HEADER), self._clock()):
                 log.warning("worker %s restarted: its log ids started over", record.worker_id)
                 return "reconnect"

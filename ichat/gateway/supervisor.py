@@ -40,7 +40,7 @@ import orjson
 
 from ichat.backoff import exponential
 from ichat.config import ManagedWorkerSpec, SupervisorSettings
-from ichat.errors import IChatError
+from ichat.errors import InvalidTransition
 from ichat.gateway.childkeys import new_challenge
 from ichat.protocol import CHALLENGE_PARAM, READY, UNHEALTHY, WORKER_SECRET_ENV, child_proof
 
@@ -62,10 +62,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 RUNNING_STATES = frozenset({STARTING, READY, UNHEALTHY})
 LAST_LINES = 200
-
-
-class InvalidTransition(IChatError):
-    """A bug: the supervisor tried a transition its state machine does not have."""
 
 
 def transition(current: str, new: str) -> str:

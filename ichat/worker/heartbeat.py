@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from ichat.backoff import exponential
-from ichat.errors import IChatError
+from ichat.errors import GatewayRefused, IChatError
 from ichat.protocol import CHILD_HEADER, READY, Heartbeat, unstructure
 from ichat.worker.app import WorkerState, describe
 from ichat.worker.gpus import gpu_inventory
@@ -30,10 +30,6 @@ log = logging.getLogger("ichat.worker.heartbeat")
 
 HEARTBEAT_PATH = "/v1/workers/heartbeat"
 DEREGISTER_PATH = "/v1/workers/deregister"
-
-
-class GatewayRefused(IChatError):
-    """The gateway answered a beat or a deregistration with an error status."""
 
 
 def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
