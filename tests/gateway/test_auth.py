@@ -7,6 +7,7 @@ does the same from a real network namespace."""
 
 from __future__ import annotations
 
+
 import pytest
 
 from ichat.config import GatewayConfig
@@ -16,13 +17,16 @@ from ichat.gateway.auth import ADMIN, CLIENT, OPEN, WORKER, describe_access, is_
 
 from .test_control import beat_for, chat
 
+
 @pytest.fixture
 def remote(monkeypatch):
     """Requests look as if they came from 10.9.8.7 (another host)."""
     monkeypatch.setattr(auth_module, "peer_host", lambda request: "10.9.8.7")
 
+
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
+
 
 @pytest.mark.parametrize(
     ("path", "cls"),
@@ -35,6 +39,7 @@ def bearer(key):
 def test_route_classes(path, cls):
     assert route_class(path) == cls
 
+
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False),
@@ -43,12 +48,14 @@ def test_route_classes(path, cls):
 def test_loopback_means_an_ip_literal_of_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
+
 async def test_nothing_configured_serves_loopback(gateway, fake_upstream):
     fake = await fake_upstream("a")
     client = await gateway({"routes": [{"model_name": "m", "api_base": fake.api_base}]})
     assert (await client.post("/v1/chat/completions", json=chat())).status == 200
     assert (await client.get("/v1/admin/workers")).status == 200
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake))).status == 200
+
 
 @pytest.mark.parametrize(
     ("method", "path", "setting"),
@@ -71,10 +78,12 @@ async def test_other_hosts_get_403_naming_the_setting(gateway, remote, method, p
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 200
 
+
 async def test_percent_encoded_admin_path_is_still_the_admin_class(gateway, remote):
     client = await gateway({"auth": {"api_keys": ["client"]}})
     resp = await client.get("/v1/%61dmin/workers", headers=bearer("client"))
     assert resp.status == 403
+
 
 async def test_client_key_never_opens_the_admin_api_from_another_host(gateway, fake_upstream, remote):
     """The issue's measurement: with only auth.api_keys set, a client key launched a worker
@@ -89,6 +98,7 @@ async def test_client_key_never_opens_the_admin_api_from_another_host(gateway, f
     assert (await client.get("/v1/admin/workers", headers=bearer("client"))).status == 403
     assert client.app[CONTROL_KEY].managed_ids() == []
 
+
 async def test_registration_without_token_from_another_host_is_refused(gateway, fake_upstream, remote):
     """The issue's measurement: registration without any token was accepted (200) from another host."""
     fake = await fake_upstream("a")
@@ -96,6 +106,7 @@ async def test_registration_without_token_from_another_host_is_refused(gateway, 
     resp = await client.post("/v1/workers/heartbeat", json=beat_for(fake))
     assert resp.status == 403 and (await resp.json())["error"]["param"] == "auth.worker_token"
     assert client.app[CONTROL_KEY].worker_views() == []
+
 
 async def test_configured_credentials_are_needed_from_loopback_too(gateway, fake_upstream):
     fake = await fake_upstream("a")
@@ -105,11 +116,13 @@ async def test_configured_credentials_are_needed_from_loopback_too(gateway, fake
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake))).status == 401
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake), headers=bearer("w"))).status == 200
 
+
 async def test_with_a_token_other_hosts_register(gateway, fake_upstream, remote):
     fake = await fake_upstream("a")
     client = await gateway({"auth": {"worker_token": "w"}})
     resp = await client.post("/v1/workers/heartbeat", json=beat_for(fake), headers=bearer("w"))
     assert resp.status == 200
+
 
 async def test_rotated_worker_token_keeps_the_old_one_for_the_grace_only(gateway, fake_upstream, clock):
     fake = await fake_upstream("a")
@@ -123,6 +136,7 @@ async def test_rotated_worker_token_keeps_the_old_one_for_the_grace_only(gateway
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake), headers=bearer("old"))).status == 401
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake), headers=bearer("new"))).status == 200
 
+
 def test_startup_block_says_who_reaches_what():
     from ichat.config import AuthSettings
 
@@ -133,7 +147,9 @@ def test_startup_block_says_who_reaches_what():
     assert "clients with one of 1 key(s)" in keyed and "client keys no longer open the admin API" in keyed
     assert "workers with auth.worker_token" in keyed
 
+
 # -- a registry no peer can hijack ------------------------------------------------------------
+
 
 async def test_a_heartbeat_cannot_take_a_static_routes_id(gateway, fake_upstream):
     """The issue's measurement: a beat claiming a static route's id took its traffic (0 of 20
@@ -146,6 +162,7 @@ async def test_a_heartbeat_cannot_take_a_static_routes_id(gateway, fake_upstream
     for _ in range(20):
         assert (await client.post("/v1/chat/completions", json=chat())).status == 200
     assert good.hits == 20 and bad.hits == 0
+
 
 async def test_a_heartbeat_cannot_take_a_managed_id_without_the_childs_secret(gateway, fake_upstream):
     fake = await fake_upstream("a")
@@ -163,6 +180,7 @@ async def test_a_heartbeat_cannot_take_a_managed_id_without_the_childs_secret(ga
     gone = {"worker_id": "managed-m-8001", "instance_id": "i1"}
     assert (await client.post("/v1/workers/deregister", json=gone, headers=bearer("w"))).status == 403
 
+
 async def test_deregistration_needs_the_instance_id(gateway, fake_upstream):
     fake = await fake_upstream("a")
     client = await gateway({})
@@ -170,6 +188,7 @@ async def test_deregistration_needs_the_instance_id(gateway, fake_upstream):
     resp = await client.post("/v1/workers/deregister", json={"worker_id": "w1"})
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "instance_id"
     assert (await client.post("/v1/chat/completions", json=chat())).status == 200
+
 
 @pytest.mark.parametrize(
     "host",
@@ -182,6 +201,7 @@ async def test_a_registered_address_is_a_plain_host(gateway, fake_upstream, host
     resp = await client.post("/v1/workers/heartbeat", json=beat_for(fake, host=host))
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "host"
 
+
 async def test_without_a_token_only_loopback_addresses_register(gateway, fake_upstream):
     fake = await fake_upstream("a")
     client = await gateway({})
@@ -193,6 +213,7 @@ async def test_without_a_token_only_loopback_addresses_register(gateway, fake_up
     resp = await client.post("/v1/workers/heartbeat", json=beat_for(fake, host="10.1.1.1"), headers=bearer("w"))
     assert resp.status == 200
 
+
 async def test_the_registry_is_bounded(gateway, fake_upstream):
     fake = await fake_upstream("a")
     client = await gateway({"limits": {"max_workers": 3}})
@@ -202,6 +223,7 @@ async def test_the_registry_is_bounded(gateway, fake_upstream):
     assert resp.status == 503 and (await resp.json())["error"]["code"] == "registry_full"
     assert "Retry-After" in resp.headers
     assert (await client.post("/v1/workers/heartbeat", json=beat_for(fake, worker_id="w1"))).status == 200
+
 
 async def test_a_hostile_heartbeat_is_a_400_never_a_500(gateway, fake_upstream):
     fake = await fake_upstream("a")
