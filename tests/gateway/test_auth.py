@@ -7,7 +7,6 @@ does the same from a real network namespace."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from ichat.config import GatewayConfig
