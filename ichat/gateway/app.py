@@ -123,7 +123,7 @@ def build_app(
     collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
     control = ControlPlane(
         config, table, clock=clock, config_path=config_path, apply_settings=apply_settings,
-        authenticator=auth, collector=collector, child_keys=child_keys,
+        authenticator=auth, collector=collector, child_keys=child_keys, session=lambda: app.get(CLIENT_KEY),
     )  # fmt: skip
     app[CONTROL_KEY] = control
     metrics.add_source(control.metric_samples)  # workers by state, heartbeat age, restarts

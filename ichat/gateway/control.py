@@ -93,6 +93,7 @@ class ControlPlane:
         authenticator: Authenticator | None = None,
         collector: Any = None,
         child_keys: ChildKeys | None = None,
+        session: Callable[[], aiohttp.ClientSession | None] | None = None,
     ) -> None:
         self.config = config
         self._table = table
@@ -111,7 +112,10 @@ class ControlPlane:
         self.gateway_url: str | None = None
         self.started_at = time.time()
         self.reloads = 0
-        self._session: aiohttp.ClientSession | None = None
+        #: the process's one client session (the app's), for probes and adoption checks; a control
+        #: plane built without one (tests) opens its own in start()
+        self._shared_session = session
+        self._own_session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ops: set[asyncio.Task[Any]] = set()
         self._config_stamp: tuple[int, int] | None = None
@@ -120,7 +124,8 @@ class ControlPlane:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.registry.probe_timeout_s))
+        if self._shared_session is None:
+            self._own_session = aiohttp.ClientSession()
         self._tasks = [
             asyncio.create_task(self._tick_forever(), name="registry-tick"),
             asyncio.create_task(self._probe_forever(), name="health-probe"),
@@ -153,8 +158,11 @@ class ControlPlane:
             except asyncio.CancelledError:
                 pass
         await self._supervisor.stop_all()
-        if self._session is not None:
-            await self._session.close()
+        if self._own_session is not None:
+            await self._own_session.close()
+
+    def _session(self) -> aiohttp.ClientSession | None:
+        return self._shared_session() if self._shared_session is not None else self._own_session
 
     async def _finish(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run an admin operation to its end even if the caller is cancelled (its client left)."""
@@ -263,9 +271,11 @@ class ControlPlane:
                 log.exception("registry tick failed")
 
     async def _probe_one(self, record: WorkerRecord) -> None:
-        assert self._session is not None
+        session = self._session()
+        assert session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.registry.probe_timeout_s)
         try:
-            async with self._session.get(record.base_url + "/health") as resp:
+            async with session.get(record.base_url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             ok = False
@@ -297,7 +307,7 @@ class ControlPlane:
             on_line=on_line,
             launched=launched,
             clock=self._clock,
-            session=lambda: self._session,
+            session=self._session,
         )
 
     def _add_managed(self, spec: ManagedWorkerSpec, *, launched: bool) -> ManagedWorker:
