@@ -29,6 +29,7 @@ registry needs to know whether a beat came with a token, from a child, or from l
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
@@ -73,6 +74,7 @@ def route_class(path: str) -> str:
     return OPEN
 
 
+@functools.lru_cache(maxsize=1024)  # bounded; a peer's address repeats on every request it sends
 def is_loopback(host: str | None) -> bool:
     """Pure: an IP literal of this machine's loopback (IPv4-mapped IPv6 included)."""
     if not host:
