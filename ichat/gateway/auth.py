@@ -29,7 +29,6 @@ registry needs to know whether a beat came with a token, from a child, or from l
 
 from __future__ import annotations
 
-import functools
 import hmac
 import ipaddress
 import logging
@@ -74,9 +73,10 @@ def route_class(path: str) -> str:
     return OPEN
 
 
-@functools.lru_cache(maxsize=1024)  # bounded; a peer's address repeats on every request it sends
 def is_loopback(host: str | None) -> bool:
     """Pure: an IP literal of this machine's loopback (IPv4-mapped IPv6 included)."""
+    if host in ("127.0.0.1", "::1"):
+        return True  # the common case, without parsing
     if not host:
         return False
     try:
