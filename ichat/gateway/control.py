@@ -353,6 +353,7 @@ class ControlPlane:
                 self._registry.managed_ids.discard(spec.worker_id)
                 self._save_launched(self._launched_specs())  # rolled back
                 raise
+            log.info("worker %s launched through the admin API (model %s, port %d)", spec.worker_id, spec.model_name, spec.port)
             return {"worker_id": worker.worker_id, "state": worker.state, "launched": True}
 
     async def remove(self, worker_id: str) -> dict[str, Any]:
@@ -363,6 +364,7 @@ class ControlPlane:
         async with self._ops_lock:
             if worker_id in self._supervisor.workers:
                 worker = await self._remove_managed(worker_id)
+                log.info("managed worker %s stopped and removed through the admin API", worker_id)
                 note = "stopped and removed"
                 if worker is not None and not worker.launched:
                     note += "; it is in the config file, so a reload starts it again unless you remove it there"
