@@ -64,7 +64,7 @@ STABLE_S = 5.0
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 30.0
 #: a mirrored log line longer than this is cut (ring_lines x this bounds one worker's mirror)
-MAX_LINE_CHARS = 16 * 1024
+MAX_LINE_CHARS = 8 * 1024
 #: kernel send buffer of a /v1/logs stream: what a reader that stopped reading can pin in the
 #: kernel (Linux doubles it) before its own bounded line buffer starts dropping (see stream_logs)
 STREAM_SEND_BUFFER_BYTES = 128 * 1024
