@@ -17,7 +17,7 @@ worker's logs stay readable); ``forget`` drops them.
 Appending never waits on readers: each reader has a bounded buffer (``ichat.logs.hub``), so a
 slow reader loses lines, and is told so, instead of slowing the collector or other readers.
 
-Routes (protected like the admin API by ``app.protect``):
+Routes (the admin route class: admin key, or loopback only; see ichat.gateway.auth):
 
     GET /v1/logs/stream/{worker_id}   one worker: backlog (?tail=N, default 100) then live;
                                       ?follow=false: backlog only; Last-Event-ID / ?after=ID
