@@ -100,8 +100,10 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
         logging.shutdown()
         os._exit(exit_code)
     if state.engine is not None:
-        with contextlib.suppress(Exception):
+        try:
             await state.engine.shutdown()
+        except Exception:  # stopping anyway; its processes die with this one
+            log.exception("engine shutdown failed")
     log.info("iChat worker %s stopped", options.worker_id)
     return exit_code
 
