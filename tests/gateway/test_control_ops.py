@@ -145,3 +145,26 @@ async def test_managed_workers_run_on_the_control_planes_clock(gateway, no_proce
     assert control._supervisor.workers["managed-m-8001"].snapshot()["state_for_s"] == 3.0
 
 
+
+
+async def test_an_impostor_on_a_managed_port_is_not_adopted(aiohttp_server):
+    """Before: whatever answered /info on the port with the right worker id and spec digest was
+    adopted, and the pid it named was later killpg'ed: here that pid is this test's own."""
+    import os
+
+    import aiohttp
+    from aiohttp import web
+
+    from ichat.config import SupervisorSettings
+
+    async def info(request):
+        return web.json_response({"worker_id": worker.worker_id, "spec_digest": worker.digest, "pid": os.getpid(), "proof": "0" * 64})
+
+    app = web.Application()
+    app.router.add_get("/info", info)
+    server = await aiohttp_server(app)
+    spec = ManagedWorkerSpec(model_name="m", model_path="/p", port=server.port)
+    async with aiohttp.ClientSession() as session:
+        worker = sv.ManagedWorker(spec, gateway_url="x", settings=SupervisorSettings(), child_secret="s", session=lambda: session)
+        assert await worker._adopt() is False
+    assert worker.pid is None and not worker.adopted
