@@ -167,6 +167,10 @@ class Authenticator:
         """A credential is configured for this class."""
         return bool(self._keys.get(cls))
 
+    def required_keys(self, path: str) -> tuple[bytes, ...]:
+        """The keys accepted on ``path`` now (empty: no credential, loopback peers only)."""
+        return self._accepted(route_class(path))
+
     def _accepted(self, cls: str) -> tuple[bytes, ...]:
         keys = self._keys.get(cls, ())
         if cls == WORKER and self._previous_token is not None:
