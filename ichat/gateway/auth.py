@@ -40,6 +40,7 @@ from aiohttp import web
 
 from ichat.config import AuthSettings
 from ichat.errors import AuthenticationFailed, PermissionDenied
+from ichat.protocol import CHILD_HEADER
 
 log = logging.getLogger("ichat.gateway.auth")
 
@@ -48,8 +49,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ChildVerifier = Callable[[str, str], bool]
 
 CLIENT, ADMIN, WORKER, OPEN = "client", "admin", "worker", "open"
-#: header naming the managed child whose secret the bearer token is
-CHILD_HEADER = "X-IChat-Worker-Id"
 #: where handlers find the Principal of a request
 
 _ADMIN_PREFIXES = ("/v1/admin/", "/v1/logs/", "/ui/")
