@@ -33,6 +33,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from ichat.errors import ConfigError
+from ichat.protocol import MANAGED_PREFIX
 from ichat.routing.policy import available_policies
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ class ManagedWorkerSpec:
     @property
     def worker_id(self) -> str:
         """Stable across restarts of the gateway and of the worker: one entry, one id."""
-        return "managed-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_name) + f"-{self.port}"
+        return MANAGED_PREFIX + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_name) + f"-{self.port}"
 
     def to_worker_argv(self) -> list[str]:
         argv = [
