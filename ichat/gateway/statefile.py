@@ -114,7 +114,12 @@ class LaunchedStore:
                 raise TypeError("launched_workers is not a list")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             aside = self._aside("unreadable")
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except OSError as move_exc:
+                problem = f"{path} is unreadable ({exc}) and cannot be moved aside ({move_exc}); no launched worker restarted"
+                log.error("%s", problem)
+                return Loaded([], [problem])
             problem = f"{path} is unreadable ({exc}); moved aside to {aside.name}, no launched worker restarted"
             log.error("%s", problem)
             return Loaded([], [problem])
@@ -129,8 +134,11 @@ class LaunchedStore:
                 problems.append(exc.message)
         if bad:
             aside = self._aside("rejected")
-            write_private(aside, orjson.dumps({"launched_workers": bad}, option=orjson.OPT_INDENT_2))
-            self.save(specs)
+            try:
+                write_private(aside, orjson.dumps({"launched_workers": bad}, option=orjson.OPT_INDENT_2))
+                self.save(specs)
+            except OSError as exc:  # the good entries still start; the file stays as it was
+                log.error("cannot move bad entries of %s aside (%s); the file is left as it is", path, exc)
             for problem in problems:
                 log.error("launched worker not restarted: %s (entry moved to %s)", problem, aside.name)
         return Loaded(specs, problems)
