@@ -7,10 +7,11 @@ policy keeps, per model (one instance per pool), an *approximate* index of which
 recently given which prompt prefix, learned from its own dispatches (no engine is asked):
 
 * The prompt (``ichat.routing.prompt``) is cut into fixed-size blocks with chained hashes.
-* Each endpoint has an LRU of block hashes -> last use, bounded to ``max_blocks_per_endpoint``
-  entries and ``ttl_s`` seconds. A dispatch touches the prompt's blocks deepest first, so a
-  prefix's first blocks are the most recent and eviction takes the tails (as a radix cache
-  would). An endpoint that leaves the pool loses its entries (``forget``).
+* Each endpoint has an approximate LRU of block hashes -> last use (two generations of plain
+  dicts: see :class:`_Generations`), bounded to ``max_blocks_per_endpoint`` entries and
+  ``ttl_s`` seconds. A dispatch touches all the prompt's blocks, so a shared prefix stays as
+  fresh as its most recent use. An endpoint that leaves the pool loses its entries
+  (``forget``).
 * Matching walks each candidate's LRU from the first block until a miss: the matched depth.
 
 Choice, for each request:
@@ -18,7 +19,7 @@ Choice, for each request:
 1. ``ratio`` = longest matched depth / prompt length (in blocks). At or above
    ``match_threshold``: the matched endpoints (the deepest; the least loaded of those);
    otherwise the least loaded endpoint of the pool (never "the one with the smallest index",
-   which feeds a death spiral: sglang#14305).
+   which feeds a death spiral: sglang#14305), the deeper match breaking ties of load.
 2. Imbalance gate: when the chosen endpoint's load exceeds the pool's least loaded one by more
    than ``balance_abs`` requests and by more than ``balance_rel`` times, the least loaded one
    takes the request instead. Its index then learns the prefix too, so a hot prefix ends up on
@@ -29,9 +30,9 @@ Load is what :func:`ichat.routing.least_inflight.load` says: this gateway's in-f
 (counted from dispatch, not from the first byte of the answer) plus the load the endpoint
 reports from elsewhere, per weight.
 
-Memory bound: at most ``max_blocks_per_endpoint`` entries per endpoint, each an OrderedDict
-slot holding a 64-bit int hash (about 100 bytes all told on CPython 3.11, measured by
-``benchmarks/routing_policy_cost.py``): 16,384 entries, about 1.6 MB per endpoint at the
+Memory bound: at most ``max_blocks_per_endpoint`` entries per endpoint, each a dict slot
+holding a 64-bit int hash (at most 100 bytes all told on CPython 3.11, measured by
+``benchmarks/routing_policy_cost.py``): 16,384 entries, at most 1.6 MB per endpoint at the
 defaults. Cost per request: one pass over at most ``max_prompt_blocks`` blocks to hash, one
 walk per candidate until its first miss, one touch per block of the chosen endpoint.
 
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -55,50 +55,77 @@ from ichat.routing.table import Endpoint
 HIT, MISS, OVERRIDDEN = "hit", "miss", "imbalance"
 
 
+class _Generations:
+    """One endpoint's entries: block hash -> time of last use, in two generations.
+
+    New and touched entries go into ``current``; when it holds half the bound it becomes
+    ``previous`` and the old ``previous`` is dropped whole. An approximate LRU (an entry
+    survives between half and all of ``max_blocks`` newer insertions) at the cost of a plain
+    dict slot per entry, O(1) per operation, and no per-entry bookkeeping."""
+
+    __slots__ = ("current", "previous", "current_last", "previous_last")
+
+    def __init__(self) -> None:
+        self.current: dict[int, float] = {}
+        self.previous: dict[int, float] = {}
+        self.current_last = 0.0  # the newest time in each generation, for the TTL
+        self.previous_last = 0.0
+
+    def rotate(self) -> None:
+        self.previous, self.previous_last = self.current, self.current_last
+        self.current = {}
+
+    def __len__(self) -> int:
+        return len(self.current) + len(self.previous)
+
+
 class PrefixIndex:
-    """Per endpoint: an LRU of block hashes -> time of last use, bounded in size and age."""
+    """Per endpoint: which block hashes it was given recently (bounded in entries and age)."""
 
     def __init__(self, max_blocks: int, ttl_s: float) -> None:
         self.max_blocks = max_blocks
         self.ttl_s = ttl_s
-        self._lru: dict[str, OrderedDict[int, float]] = {}
+        self._lru: dict[str, _Generations] = {}
 
     def depth(self, endpoint_id: str, hashes: Sequence[int], now: float) -> int:
         """How many leading blocks of ``hashes`` the endpoint holds, fresh."""
-        lru = self._lru.get(endpoint_id)
-        if not lru:
+        gens = self._lru.get(endpoint_id)
+        if gens is None:
             return 0
         oldest = now - self.ttl_s
-        get = lru.get
+        current, previous = gens.current.get, gens.previous.get
         n = 0
         for h in hashes:
-            seen = get(h)
+            seen = current(h)
+            if seen is None:
+                seen = previous(h)
             if seen is None or seen < oldest:
                 break
             n += 1
         return n
 
     def learn(self, endpoint_id: str, hashes: Sequence[int], now: float) -> None:
-        lru = self._lru.get(endpoint_id)
-        if lru is None:
-            lru = self._lru[endpoint_id] = OrderedDict()
-        move = lru.move_to_end
-        for h in reversed(hashes):  # deepest first: the prefix ends up most recent
-            lru[h] = now
-            move(h)
-        self._trim(lru, now)
+        gens = self._lru.get(endpoint_id)
+        if gens is None:
+            gens = self._lru[endpoint_id] = _Generations()
+        half = max(1, self.max_blocks // 2)
+        if len(hashes) > half:
+            hashes = hashes[:half]  # the prefix is what matters; a bound smaller than a prompt
+        if len(gens.current) + len(hashes) > half:
+            gens.rotate()
+        current = gens.current
+        for h in hashes:
+            current[h] = now  # one float object shared by the request's entries
+        gens.current_last = now
 
-    def _trim(self, lru: OrderedDict[int, float], now: float) -> None:
-        over = len(lru) - self.max_blocks
-        while over > 0:
-            lru.popitem(last=False)
-            over -= 1
+    def expire(self, now: float) -> None:
+        """Drop the generations whose newest entry is past the TTL, on every endpoint."""
         oldest = now - self.ttl_s
-        while lru:
-            h, seen = next(iter(lru.items()))
-            if seen >= oldest:
-                break
-            del lru[h]
+        for gens in self._lru.values():
+            if gens.previous and gens.previous_last < oldest:
+                gens.previous = {}
+            if gens.current and gens.current_last < oldest:
+                gens.current = {}
 
     def forget(self, endpoint_id: str) -> None:
         self._lru.pop(endpoint_id, None)
@@ -109,14 +136,19 @@ class PrefixIndex:
 
     def resize(self, max_blocks: int, ttl_s: float, now: float) -> None:
         self.max_blocks, self.ttl_s = max_blocks, ttl_s
-        for lru in self._lru.values():
-            self._trim(lru, now)
+        half = max(1, max_blocks // 2)
+        for gens in self._lru.values():
+            if len(gens.current) > half:
+                gens.current = dict(list(gens.current.items())[-half:])  # the newest
+            if len(gens) > max_blocks:
+                gens.previous = {}
+        self.expire(now)
 
     def sizes(self) -> dict[str, int]:
-        return {endpoint_id: len(lru) for endpoint_id, lru in self._lru.items()}
+        return {endpoint_id: len(gens) for endpoint_id, gens in self._lru.items()}
 
     def __len__(self) -> int:
-        return sum(len(lru) for lru in self._lru.values())
+        return sum(len(gens) for gens in self._lru.values())
 
 
 class CacheAware:
@@ -153,28 +185,23 @@ class CacheAware:
         if len(index._lru) > 2 * len(candidates) + 16:
             # ids that left without a forget() (a renamed model): keep the index bounded
             index.retain({ep.id for ep in candidates})
+        index.expire(now)
 
-        best_depth = 0
-        matched: list[Endpoint] = []
-        for ep in candidates:
-            d = index.depth(ep.id, hashes, now)
-            if d > best_depth:
-                best_depth, matched = d, [ep]
-            elif d == best_depth and d:
-                matched.append(ep)
+        depths = [index.depth(ep.id, hashes, now) for ep in candidates]
+        best_depth = max(depths)
         units = prompt_units(prompt, s.block_chars)
         self.prompt_blocks += units
         self.matched_blocks += best_depth
 
-        if matched and best_depth / units >= s.match_threshold:
-            chosen = least_loaded(matched, rng)
-            coolest = least_loaded(candidates, rng)
+        coolest = _least_loaded_deepest(candidates, depths, rng)
+        if best_depth and best_depth / units >= s.match_threshold:
+            chosen = least_loaded([ep for ep, d in zip(candidates, depths) if d == best_depth], rng)
             if coolest is not chosen and _imbalanced(load(chosen), load(coolest), s.balance_abs, s.balance_rel):
                 chosen, outcome = coolest, OVERRIDDEN
             else:
                 outcome = HIT
         else:
-            chosen, outcome = least_loaded(candidates, rng), MISS
+            chosen, outcome = coolest, MISS
         self.decisions[outcome] += 1
         index.learn(chosen.id, hashes, now)
         return chosen
@@ -205,6 +232,22 @@ class CacheAware:
                 {"endpoint": endpoint_id},
                 n,
             )
+
+
+def _least_loaded_deepest(candidates: Sequence[Endpoint], depths: list[int], rng: random.Random) -> Endpoint:
+    """The least loaded endpoint; among equally loaded ones the deepest match, then at random.
+
+    On a miss (a match below the threshold) the load decides, but a tie, common in a quiet
+    pool, goes where part of the prompt may still be cached."""
+    best: list[Endpoint] = []
+    best_key = (float("inf"), 0)
+    for ep, d in zip(candidates, depths):
+        key = (load(ep), -d)
+        if key < best_key:
+            best_key, best = key, [ep]
+        elif key == best_key:
+            best.append(ep)
+    return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
 
 
 def _imbalanced(chosen: float, least: float, abs_threshold: float, rel_threshold: float) -> bool:
