@@ -19,7 +19,8 @@ Choice, for each request:
 1. ``ratio`` = longest matched depth / prompt length (in blocks). At or above
    ``match_threshold``: the matched endpoints (the deepest; the least loaded of those);
    otherwise the least loaded endpoint of the pool (never "the one with the smallest index",
-   which feeds a death spiral: sglang#14305), the deeper match breaking ties of load.
+   which feeds a death spiral: sglang#14305); ties of load go to the deeper partial match,
+   then to the smaller index (new prefixes spread evenly over the pool's cache capacity).
 2. Imbalance gate: when the chosen endpoint's load exceeds the pool's least loaded one by more
    than ``balance_abs`` requests and by more than ``balance_rel`` times, the least loaded one
    takes the request instead. Its index then learns the prefix too, so a hot prefix ends up on
@@ -144,6 +145,10 @@ class PrefixIndex:
                 gens.previous = {}
         self.expire(now)
 
+    def size_of(self, endpoint_id: str) -> int:
+        gens = self._lru.get(endpoint_id)
+        return 0 if gens is None else len(gens)
+
     def sizes(self) -> dict[str, int]:
         return {endpoint_id: len(gens) for endpoint_id, gens in self._lru.items()}
 
@@ -193,7 +198,7 @@ class CacheAware:
         self.prompt_blocks += units
         self.matched_blocks += best_depth
 
-        coolest = _least_loaded_deepest(candidates, depths, rng)
+        coolest = _least_loaded_deepest(candidates, depths, index, rng)
         if best_depth and best_depth / units >= s.match_threshold:
             chosen = least_loaded([ep for ep, d in zip(candidates, depths) if d == best_depth], rng)
             if coolest is not chosen and _imbalanced(load(chosen), load(coolest), s.balance_abs, s.balance_rel):
@@ -234,15 +239,20 @@ class CacheAware:
             )
 
 
-def _least_loaded_deepest(candidates: Sequence[Endpoint], depths: list[int], rng: random.Random) -> Endpoint:
-    """The least loaded endpoint; among equally loaded ones the deepest match, then at random.
+def _least_loaded_deepest(
+    candidates: Sequence[Endpoint], depths: list[int], index: PrefixIndex, rng: random.Random
+) -> Endpoint:
+    """The least loaded endpoint; among equally loaded ones the deepest match, then the
+    smallest index, then at random.
 
-    On a miss (a match below the threshold) the load decides, but a tie, common in a quiet
-    pool, goes where part of the prompt may still be cached."""
+    On a miss (a match below the threshold) the load decides; a tie, common in a quiet pool,
+    goes where part of the prompt may still be cached, else where the least is cached, so
+    that new prefixes spread evenly over the pool's cache capacity."""
     best: list[Endpoint] = []
-    best_key = (float("inf"), 0)
+    best_key: tuple[float, int, int] = (float("inf"), 0, 0)
+    sizes = index.size_of
     for ep, d in zip(candidates, depths):
-        key = (load(ep), -d)
+        key = (load(ep), -d, sizes(ep.id))
         if key < best_key:
             best_key, best = key, [ep]
         elif key == best_key:

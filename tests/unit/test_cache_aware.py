@@ -283,3 +283,11 @@ def test_weights_shift_sessions_proportionally():
     eps[0] = attrs.evolve(eps[0], weight=3.0)
     counts = Counter(ranked(f"k{i}", eps)[0].id for i in range(4000))
     assert 2700 < counts["e0"] < 3300
+
+
+def test_new_prefixes_spread_evenly_over_a_quiet_pool():
+    # Sequential requests (every load 0): new tenants alternate by index size, not at random,
+    # so the pool's cache capacity is shared evenly.
+    p, eps, rng = policy(), endpoints(2), random.Random(11)
+    homes = [p.select(eps, chat(f"Tenant {t} handbook. " * 80, "q"), rng).id for t in range(6)]
+    assert Counter(homes) == {"e0": 3, "e1": 3}
