@@ -150,6 +150,17 @@ _at_least_one = _check(lambda v: v >= 1, "a number >= 1")
 
 
 @attrs.frozen
+class LeastInflightSettings:
+    """How the policies count load (least_inflight, and cache_aware's and session_affinity's
+    least-loaded choices; see ichat.routing.least_inflight). Hot-reloadable."""
+
+    #: a request dispatched less than prefill_window_s ago counts 1 + this much (0 = plain count)
+    prefill_weight: float = attrs.field(default=2.0, validator=_non_negative)
+    #: about the engines' time to first token: how long a new request counts as in prefill
+    prefill_window_s: float = attrs.field(default=0.05, validator=_positive)
+
+
+@attrs.frozen
 class CacheAwareSettings:
     """The ``cache_aware`` policy (see ichat.routing.cache_aware). Every key is hot-reloadable."""
 
@@ -166,7 +177,7 @@ class CacheAwareSettings:
     #: the imbalance gate: affinity is overridden (least loaded instead) when the matched
     #: endpoint's load exceeds the least loaded one's by more than balance_abs requests AND
     #: by more than balance_rel times
-    balance_abs: float = attrs.field(default=4.0, validator=_non_negative)
+    balance_abs: float = attrs.field(default=2.0, validator=_non_negative)
     balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
 
 
@@ -195,6 +206,7 @@ class RoutingSettings:
     #: extra attempts on other endpoints of the pool, before any byte reached the client
     retries: int = attrs.field(default=2, validator=_check(lambda v: v >= 0, "an integer >= 0"))
     circuit_breaker: CircuitBreakerSettings = attrs.Factory(CircuitBreakerSettings)
+    least_inflight: LeastInflightSettings = attrs.Factory(LeastInflightSettings)
     cache_aware: CacheAwareSettings = attrs.Factory(CacheAwareSettings)
     session_affinity: SessionAffinitySettings = attrs.Factory(SessionAffinitySettings)
 

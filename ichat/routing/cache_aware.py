@@ -27,9 +27,9 @@ Choice, for each request:
    more than one endpoint rather than bouncing between them.
 3. The chosen endpoint's index learns the prompt's blocks.
 
-Load is what :func:`ichat.routing.least_inflight.load` says: this gateway's in-flight requests
-(counted from dispatch, not from the first byte of the answer) plus the load the endpoint
-reports from elsewhere, per weight.
+Load is what :class:`ichat.routing.least_inflight.DispatchLoad` says: this gateway's in-flight
+requests (counted from dispatch, not from the first byte of the answer), plus the load the
+endpoint reports from elsewhere, plus the weight of requests still likely in prefill, per weight.
 
 Memory bound: at most ``max_blocks_per_endpoint`` entries per endpoint, each a dict slot
 holding a 64-bit int hash (at most 100 bytes all told on CPython 3.11, measured by
@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ichat.config import CacheAwareSettings
-from ichat.routing.least_inflight import least_loaded, load
+from ichat.routing.least_inflight import DispatchLoad
 from ichat.routing.policy import RequestInfo
 from ichat.routing.prompt import block_hashes, prompt_of, prompt_units
 from ichat.routing.table import Endpoint
@@ -159,6 +159,7 @@ class PrefixIndex:
 class CacheAware:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self.load = DispatchLoad(clock)
         self.settings = CacheAwareSettings()
         self.index = PrefixIndex(self.settings.max_blocks_per_endpoint, self.settings.ttl_s)
         #: decisions by outcome (hit, miss, imbalance), and matched / compared prompt blocks
@@ -168,6 +169,7 @@ class CacheAware:
 
     def configure(self, settings: Any) -> None:
         """Take ``routing.cache_aware`` from the gateway's routing settings (a reload keeps the index)."""
+        self.load.configure(settings)
         ours = getattr(settings, "cache_aware", None)
         if ours is None:
             return
@@ -176,16 +178,18 @@ class CacheAware:
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)
+        self.load.forget(endpoint_id)
 
     def select(self, candidates: Sequence[Endpoint], request: RequestInfo, rng: random.Random) -> Endpoint:
         s = self.settings
-        prompt = prompt_of(request.body, s.block_chars * s.max_prompt_blocks)
-        if prompt is None:
-            return least_loaded(candidates, rng)
-        hashes = block_hashes(prompt, s.block_chars)
-        if not hashes:  # shorter than one block: nothing an engine could reuse
-            return least_loaded(candidates, rng)
         now = self._clock()
+        load = self.load
+        prompt = prompt_of(request.body, s.block_chars * s.max_prompt_blocks)
+        hashes = block_hashes(prompt, s.block_chars) if prompt is not None else None
+        if not hashes:  # no prompt, or shorter than one block: nothing an engine could reuse
+            chosen = load.least_loaded(candidates, rng, now)
+            load.dispatched(chosen, now)
+            return chosen
         index = self.index
         if len(index._lru) > 2 * len(candidates) + 16:
             # ids that left without a forget() (a renamed model): keep the index bounded
@@ -198,10 +202,19 @@ class CacheAware:
         self.prompt_blocks += units
         self.matched_blocks += best_depth
 
-        coolest = _least_loaded_deepest(candidates, depths, index, rng)
+        loads = [load.of(ep, now) for ep in candidates]
+        coolest = _least_loaded_deepest(candidates, loads, depths, index, rng)
         if best_depth and best_depth / units >= s.match_threshold:
-            chosen = least_loaded([ep for ep, d in zip(candidates, depths) if d == best_depth], rng)
-            if coolest is not chosen and _imbalanced(load(chosen), load(coolest), s.balance_abs, s.balance_rel):
+            chosen = _least_loaded_deepest(
+                [ep for ep, d in zip(candidates, depths) if d == best_depth],
+                [x for x, d in zip(loads, depths) if d == best_depth],
+                [best_depth] * depths.count(best_depth),
+                index,
+                rng,
+            )
+            chosen_load = loads[candidates.index(chosen)]
+            coolest_load = loads[candidates.index(coolest)]
+            if coolest is not chosen and _imbalanced(chosen_load, coolest_load, s.balance_abs, s.balance_rel):
                 chosen, outcome = coolest, OVERRIDDEN
             else:
                 outcome = HIT
@@ -209,6 +222,7 @@ class CacheAware:
             chosen, outcome = coolest, MISS
         self.decisions[outcome] += 1
         index.learn(chosen.id, hashes, now)
+        load.dispatched(chosen, now)
         return chosen
 
     def samples(self) -> Iterator[tuple[str, str, str, dict[str, str], float]]:
@@ -240,7 +254,7 @@ class CacheAware:
 
 
 def _least_loaded_deepest(
-    candidates: Sequence[Endpoint], depths: list[int], index: PrefixIndex, rng: random.Random
+    candidates: Sequence[Endpoint], loads: list[float], depths: list[int], index: PrefixIndex, rng: random.Random
 ) -> Endpoint:
     """The least loaded endpoint; among equally loaded ones the deepest match, then the
     smallest index, then at random.
@@ -251,8 +265,8 @@ def _least_loaded_deepest(
     best: list[Endpoint] = []
     best_key: tuple[float, int, int] = (float("inf"), 0, 0)
     sizes = index.size_of
-    for ep, d in zip(candidates, depths):
-        key = (load(ep), -d, sizes(ep.id))
+    for ep, ep_load, d in zip(candidates, loads, depths):
+        key = (ep_load, -d, sizes(ep.id))
         if key < best_key:
             best_key, best = key, [ep]
         elif key == best_key:

@@ -15,19 +15,20 @@ endpoint takes the request only while its load plus this request stays within
 ``load_factor`` times the pool's average load (per weight, rounded up); a hot endpoint spills
 its sessions' new requests to their next choice instead of queueing them.
 
-Pure: no clock, no I/O.
+Pure: the clock (for the load of requests without a key) is injected; no I/O.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
 from ichat.config import SessionAffinitySettings
-from ichat.routing.least_inflight import least_loaded
+from ichat.routing.least_inflight import DispatchLoad
 from ichat.routing.policy import RequestInfo
 from ichat.routing.table import Endpoint
 
@@ -74,12 +75,14 @@ def bounded_choice(key: str, candidates: Sequence[Endpoint], load_factor: float)
 
 
 class SessionAffinity:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.load = DispatchLoad(clock)
         self.settings = SessionAffinitySettings()
         #: requests by outcome: home (the key's first choice), spilled (bounded load), no_key
         self.decisions = {"home": 0, "spilled": 0, "no_key": 0}
 
     def configure(self, settings: Any) -> None:
+        self.load.configure(settings)
         ours = getattr(settings, "session_affinity", None)
         if ours is not None:
             self.settings = ours
@@ -87,12 +90,18 @@ class SessionAffinity:
     def select(self, candidates: Sequence[Endpoint], request: RequestInfo, rng: random.Random) -> Endpoint:
         s = self.settings
         key = session_key(request, s.header, s.body_field)
+        now = self.load.clock()
         if key is None:
             self.decisions["no_key"] += 1
-            return least_loaded(candidates, rng)
-        chosen, spilled = bounded_choice(key, candidates, s.load_factor)
-        self.decisions["spilled" if spilled else "home"] += 1
+            chosen = self.load.least_loaded(candidates, rng, now)
+        else:
+            chosen, spilled = bounded_choice(key, candidates, s.load_factor)
+            self.decisions["spilled" if spilled else "home"] += 1
+        self.load.dispatched(chosen, now)
         return chosen
+
+    def forget(self, endpoint_id: str) -> None:
+        self.load.forget(endpoint_id)
 
     def samples(self) -> Iterator[tuple[str, str, str, dict[str, str], float]]:
         for outcome, n in self.decisions.items():

@@ -8,7 +8,7 @@ from collections import Counter
 import attrs
 import pytest
 
-from ichat.config import CacheAwareSettings, GatewayConfig, RoutingSettings, SessionAffinitySettings
+from ichat.config import CacheAwareSettings, GatewayConfig, LeastInflightSettings, RoutingSettings, SessionAffinitySettings
 from ichat.errors import ConfigError
 from ichat.routing import Endpoint, RequestInfo, RoutingTable, load_policy
 from ichat.routing.cache_aware import CacheAware, PrefixIndex
@@ -40,9 +40,15 @@ def chat(system: str, *turns: str, user: str | None = None) -> RequestInfo:
     return RequestInfo("m", CHAT, 0, body=body)
 
 
-def policy(clock: Clock | None = None, **settings) -> CacheAware:
+def policy(clock: Clock | None = None, prefill_weight: float = 0.0, **settings) -> CacheAware:
+    """cache_aware with the given settings; by default without the recent-dispatch weight (these
+    tests set in-flight counts by hand, with a clock that stands still)."""
     p = CacheAware(clock=clock or Clock())
-    p.configure(RoutingSettings(cache_aware=CacheAwareSettings(**settings)))
+    p.configure(
+        RoutingSettings(
+            cache_aware=CacheAwareSettings(**settings), least_inflight=LeastInflightSettings(prefill_weight=prefill_weight)
+        )
+    )
     return p
 
 
@@ -291,3 +297,16 @@ def test_new_prefixes_spread_evenly_over_a_quiet_pool():
     p, eps, rng = policy(), endpoints(2), random.Random(11)
     homes = [p.select(eps, chat(f"Tenant {t} handbook. " * 80, "q"), rng).id for t in range(6)]
     assert Counter(homes) == {"e0": 3, "e1": 3}
+
+
+def test_a_burst_for_one_prefix_spreads_once_its_home_is_busy_with_prefills():
+    # Recent dispatches still in flight count as prefills: a burst of one tenant's requests
+    # fills its home up to the gate, then replicates the prefix on the other endpoint.
+    clock = Clock()
+    p, eps, rng = policy(clock, prefill_weight=2.0), endpoints(2), random.Random(12)
+    homes = []
+    for i in range(6):
+        ep = p.select(eps, chat(TENANT_A, f"burst {i}"), rng)
+        ep.inflight += 1  # as the proxy does at dispatch
+        homes.append(ep.id)
+    assert len(set(homes)) == 2 and p.decisions["imbalance"] >= 1
