@@ -1,7 +1,7 @@
 """Routing quality on real engines: prefix-cache hit rate, TTFT and throughput per router.
 
     python benchmarks/routing_quality.py [--replicas 2] [--kv-tokens 4096] [--rounds 1]
-        [--routers round_robin,least_inflight,cache_aware,sglang_cache_aware]
+        [--routers round_robin,least_inflight,least_inflight_plain,cache_aware,sglang_cache_aware]
         [--workloads tenants,prefix_repetition] [--json out.json] [--trace trace.json]
     make bench-routing          # the small CPU configuration
 
@@ -67,8 +67,12 @@ from tests.procs import Proc, WorkerProc, free_port, smollm2_path, wait_until  #
 MODEL = "smollm2"
 #: bf16 KV bytes per token of SmolLM2-135M (30 layers x 3 KV heads x 64 x 2 x 2 bytes)
 KV_BYTES_PER_TOKEN = 23040
-ICHAT_ROUTERS = ("round_robin", "least_inflight", "cache_aware", "session_affinity")
 PEER = "sglang_cache_aware"
+#: router name -> (iChat policy, extra routing settings); anything else is a policy name
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # least_inflight as it was before issue 17: in-flight counting without the prefill weight
+    "least_inflight_plain": ("least_inflight", {"least_inflight": {"prefill_weight": 0}}),
+}
 WORDS = (
     "account balance policy refund invoice shipment warranty customer service ticket priority escalation "
     "contract renewal discount region compliance audit privacy record storage backup schedule holiday "
@@ -152,7 +156,7 @@ def scrape(worker: WorkerProc) -> dict[str, float]:
                 out["hits"] += sample.value
             elif sample.name == "vllm:prefix_cache_queries_total":
                 out["queries"] += sample.value
-            elif sample.name == "ichat_worker_requests_total" and sample.labels.get("route", "").startswith("/v1/"):
+            elif sample.name == "ichat_worker_requests_total" and sample.labels.get("route") in ("chat_completions", "completions"):
                 out["requests"] += sample.value
     return out
 
@@ -393,7 +397,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if router == PEER:
                         url = peer.base_url  # type: ignore[union-attr]
                     else:
-                        set_policy(gateway, router)
+                        policy, extra = VARIANTS.get(router, (router, {}))
+                        set_policy(gateway, policy, extra)
                         url = gateway.base_url
                     t1 = time.monotonic()
                     result = await measure(router, url, workload, args, workers, gateway, seed)

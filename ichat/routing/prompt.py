@@ -50,24 +50,38 @@ def prompt_of(body: Any, max_chars: int) -> str | list[int] | None:
 
 
 def _render_messages(messages: list[Any], max_chars: int) -> str:
+    # Bounded by max_chars whatever the body holds: stops at that many characters, or after
+    # that many items (a list of empty or malformed messages costs no more than text would).
     parts: list[str] = []
     size = 0
-    for message in messages:
+    for count, message in enumerate(messages):
+        if size >= max_chars or count >= max_chars:
+            break
         if not isinstance(message, dict):
             continue
         role = message.get("role")
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(_part_text(p) for p in content)
+            content = _parts_text(content, max_chars - size)
         elif not isinstance(content, str):
             content = ""
         piece = f"{role if isinstance(role, str) else ''}\x1f{content}\x1e"
         parts.append(piece)
         size += len(piece)
-        if size >= max_chars:
-            break
     text = "".join(parts)
     return text[:max_chars] if size > max_chars else text
+
+
+def _parts_text(content: list[Any], max_chars: int) -> str:
+    texts: list[str] = []
+    size = 0
+    for count, part in enumerate(content):
+        if size >= max_chars or count >= max_chars:
+            break
+        text = _part_text(part)
+        texts.append(text)
+        size += len(text)
+    return "".join(texts)
 
 
 def _part_text(part: Any) -> str:

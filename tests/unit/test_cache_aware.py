@@ -310,3 +310,10 @@ def test_a_burst_for_one_prefix_spreads_once_its_home_is_busy_with_prefills():
         ep.inflight += 1  # as the proxy does at dispatch
         homes.append(ep.id)
     assert len(set(homes)) == 2 and p.decisions["imbalance"] >= 1
+
+
+def test_rendering_is_bounded_for_hostile_bodies():
+    many_empty = {"messages": [{}] * 200_000}
+    assert len(prompt_of(many_empty, 1000)) <= 1000
+    many_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}] * 200_000}]}
+    assert len(prompt_of(many_parts, 1000)) == 1000
