@@ -89,21 +89,37 @@ class PrefixIndex:
         self._lru: dict[str, _Generations] = {}
 
     def depth(self, endpoint_id: str, hashes: Sequence[int], now: float) -> int:
-        """How many leading blocks of ``hashes`` the endpoint holds, fresh."""
+        """How many leading blocks of ``hashes`` the endpoint holds, fresh.
+
+        A binary search: an endpoint that holds a block holds every block before it (a
+        dispatch learns a prompt's blocks together, always from the first, and generations
+        drop whole), so "held" is monotone along the chain. A miss costs one probe, a full
+        match two, a partial one about log2(blocks)."""
         gens = self._lru.get(endpoint_id)
-        if gens is None:
+        if gens is None or not hashes:
             return 0
         oldest = now - self.ttl_s
         current, previous = gens.current.get, gens.previous.get
-        n = 0
-        for h in hashes:
+
+        def held(h: int) -> bool:
             seen = current(h)
             if seen is None:
                 seen = previous(h)
-            if seen is None or seen < oldest:
-                break
-            n += 1
-        return n
+            return seen is not None and seen >= oldest
+
+        if not held(hashes[0]):
+            return 0
+        n = len(hashes)
+        if held(hashes[n - 1]):
+            return n
+        lo, hi = 1, n - 1  # held(hashes[lo - 1]) and not held(hashes[hi]): the answer is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if held(hashes[mid]):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def learn(self, endpoint_id: str, hashes: Sequence[int], now: float) -> None:
         gens = self._lru.get(endpoint_id)

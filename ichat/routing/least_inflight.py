@@ -69,16 +69,14 @@ class DispatchLoad:
         recent.append(now)
 
     def recent(self, ep: Endpoint, now: float) -> int:
+        """Dispatches to ``ep`` within the window (amortised O(1): expired ones are dropped)."""
         recent = self._recent.get(ep.id)
         if not recent:
             return 0
         since = now - self.settings.prefill_window_s
-        n = 0
-        for t in reversed(recent):
-            if t <= since:
-                break
-            n += 1
-        return n
+        while recent and recent[0] <= since:
+            recent.popleft()
+        return len(recent)
 
     def of(self, ep: Endpoint, now: float) -> float:
         inflight = ep.inflight

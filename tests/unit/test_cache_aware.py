@@ -317,3 +317,31 @@ def test_rendering_is_bounded_for_hostile_bodies():
     assert len(prompt_of(many_empty, 1000)) <= 1000
     many_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}] * 200_000}]}
     assert len(prompt_of(many_parts, 1000)) == 1000
+
+
+def test_depth_search_agrees_with_a_linear_walk():
+    # depth() binary-searches the chain; check it against the plain walk on random traffic of
+    # prompts sharing prefixes, with eviction (a small bound) and expiry.
+    rng = random.Random(13)
+    bases = ["".join(rng.choice("abc") for _ in range(64 * rng.randint(1, 6))) for _ in range(5)]
+    prompts = [b + "".join(rng.choice("abc") for _ in range(64 * rng.randint(0, 6))) for b in bases for _ in range(6)]
+    index, now = PrefixIndex(max_blocks=40, ttl_s=5), 0.0
+
+    def linear(hashes):
+        gens, n = index._lru.get("e"), 0
+        for h in hashes:
+            seen = gens.current.get(h) if gens else None
+            seen = gens.previous.get(h) if gens and seen is None else seen
+            if seen is None or seen < now - index.ttl_s:
+                break
+            n += 1
+        return n
+
+    for _ in range(3000):
+        now += rng.random()
+        if rng.random() < 0.6:
+            index.learn("e", block_hashes(rng.choice(prompts), 64), now)
+        if rng.random() < 0.1:
+            index.expire(now)
+        probe = block_hashes(rng.choice(prompts), 64)
+        assert index.depth("e", probe, now) == linear(probe)
