@@ -96,13 +96,21 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
                 "--heartbeat-interval", str(heartbeat_s), "--no-log-streaming",
                 "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
                 "--enable-prefix-caching",
-                env={"VLLM_CPU_KVCACHE_SPACE": None},
+                # One core per replica on vLLM's CPU backend: two engines spinning on the same
+                # cores stall each other for seconds, which swamps what routing changes.
+                env={"VLLM_CPU_KVCACHE_SPACE": None, **cpu_binding(i)},
             )
         )  # fmt: skip
     for worker in workers:
         worker.wait_ready(timeout=400)
     gateway.wait_routable(MODEL, replicas, timeout=60)
     return gateway, workers
+
+
+def cpu_binding(replica: int) -> dict[str, str]:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for replica ``replica`` (a core of its own, round robin)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(cores[replica % len(cores)])}
 
 
 def set_policy(gateway: GatewayProc, policy: str, extra: dict[str, Any] | None = None) -> None:
@@ -329,8 +337,19 @@ WORKLOADS = {"tenants": run_tenants, "prefix_repetition": run_prefix_repetition}
 # -- the run -----------------------------------------------------------------------------------
 
 
+def decisions(gateway: GatewayProc) -> dict[str, float]:
+    """cache_aware's decisions so far, by outcome (hit, miss, imbalance)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(gateway.base_url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "ichat_routing_prefix_decisions_total":
+                out[sample.labels["outcome"]] = out.get(sample.labels["outcome"], 0) + sample.value
+    return out
+
+
 async def measure(router: str, url: str, workload: str, args, workers, gateway, seed: int) -> dict[str, Any]:
     before = [scrape(w) for w in workers]
+    decided = decisions(gateway)
     sampler = Sampler(gateway)
     sampler.start()
     try:
@@ -338,6 +357,7 @@ async def measure(router: str, url: str, workload: str, args, workers, gateway, 
     finally:
         await sampler.stop()
     after = [scrape(w) for w in workers]
+    result["decisions"] = {k: int(v - decided.get(k, 0)) for k, v in decisions(gateway).items() if v - decided.get(k, 0)}
     hits = sum(a["hits"] - b["hits"] for a, b in zip(after, before))
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before))
     result["hit_rate"] = hits / queries if queries else None
@@ -407,7 +427,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(
                         f"round {round_no} {workload:<18} {router:<20} hit {result['hit_rate'] or 0:.3f} "
                         f"TTFT p50 {result['ttft_ms']['p50'] or 0:.0f} ms, {result['output_tok_s'] or 0:.1f} tok/s, "
-                        f"split {result['split']}, {time.monotonic() - t1:.0f} s",
+                        f"split {result['split']}, {result['decisions'] or ''} {time.monotonic() - t1:.0f} s",
                         flush=True,
                     )
     return results

@@ -49,6 +49,7 @@ from typing import Any
 
 from ichat.config import CacheAwareSettings
 from ichat.routing.least_inflight import DispatchLoad
+from ichat.routing.least_inflight import load as plain_load
 from ichat.routing.policy import RequestInfo
 from ichat.routing.prompt import block_hashes, prompt_of, prompt_units
 from ichat.routing.table import Endpoint
@@ -228,9 +229,9 @@ class CacheAware:
                 index,
                 rng,
             )
-            chosen_load = loads[candidates.index(chosen)]
-            coolest_load = loads[candidates.index(coolest)]
-            if coolest is not chosen and _imbalanced(chosen_load, coolest_load, s.balance_abs, s.balance_rel):
+            # The gate compares requests in flight (and reported), not the prefill weight: a
+            # burst for one prefix may fill its home up to the gate before it spreads.
+            if coolest is not chosen and _imbalanced(plain_load(chosen), plain_load(coolest), s.balance_abs, s.balance_rel):
                 chosen, outcome = coolest, OVERRIDDEN
             else:
                 outcome = HIT

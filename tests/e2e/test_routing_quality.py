@@ -1,8 +1,9 @@
 """cache_aware against round_robin on two real SmolLM2 replicas with small KV caches.
 
 A real gateway and two real vLLM workers that register by heartbeat; the OpenAI SDK as client.
-Each replica's KV cache holds about 1,500 tokens: five tenants' system prompts (~330 tokens
-each) fit across the two replicas but not in one. Requests cycle through the tenants in turn.
+Each replica's KV cache holds about 1,400 tokens (11 blocks of 128 on vLLM's CPU backend): five
+tenants' system prompts (~300 tokens, two to three blocks each) fit across the two replicas but
+not in one. Requests cycle through the tenants in turn.
 round_robin sends every tenant to both replicas in alternation (5 is odd), so each replica
 cycles through all five prompts and its LRU prefix cache keeps evicting what comes next;
 cache_aware keeps each tenant on one replica, where its prompt stays cached. The engines' own
@@ -23,7 +24,8 @@ from tests.gateway_proc import GatewayProc, write_yaml
 from tests.procs import WorkerProc, smollm2_path
 
 MODEL = "smollm2"
-KV_TOKENS = 1536
+KV_TOKENS = 1536  # vLLM's CPU backend keeps 11 blocks of 128 tokens of it
+MAX_MODEL_LEN = 1024
 KV_BYTES_PER_TOKEN = 23040  # SmolLM2-135M, bf16
 TENANTS = 5
 REQUESTS_PER_TENANT = 4
@@ -42,7 +44,7 @@ def cluster(tmp_path_factory):
                 WorkerProc(
                     tmp, smollm2_path(), MODEL,
                     "--worker-id", f"replica-{i}", "--gateway-address", gateway.base_url, "--heartbeat-interval", "2",
-                    "--no-log-streaming", "--max-model-len", str(KV_TOKENS),
+                    "--no-log-streaming", "--max-model-len", str(MAX_MODEL_LEN),
                     "--kv-cache-memory-bytes", str(KV_TOKENS * KV_BYTES_PER_TOKEN), "--enable-prefix-caching",
                     env={"VLLM_CPU_KVCACHE_SPACE": None},  # it would override --kv-cache-memory-bytes
                 )
@@ -75,7 +77,7 @@ def run_phase(gateway: GatewayProc, workers: list[WorkerProc], policy: str, seed
     httpx.post(gateway.base_url + "/v1/admin/config/reload", timeout=30).raise_for_status()
     rng = random.Random(seed)
     systems = [
-        f"You are the assistant of tenant {t} (phase {seed}). Handbook: " + " ".join(rng.choice(WORDS) for _ in range(300))
+        f"You are the assistant of tenant {t} (phase {seed}). Handbook: " + " ".join(rng.choice(WORDS) for _ in range(200))
         for t in range(TENANTS)
     ]
     client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
