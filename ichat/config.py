@@ -146,6 +146,55 @@ class CircuitBreakerSettings:
     cooldown_s: float = attrs.field(default=10.0, validator=_non_negative)
 
 
+_fraction = _check(lambda v: 0 <= v <= 1, "a number from 0 to 1")
+_at_least_one = _check(lambda v: v >= 1, "a number >= 1")
+
+
+@attrs.frozen
+class LeastInflightSettings:
+    """How the policies count load (least_inflight, and cache_aware's and session_affinity's
+    least-loaded choices; see ichat.routing.least_inflight). Hot-reloadable."""
+
+    #: a request dispatched less than prefill_window_s ago counts 1 + this much (0 = plain count)
+    prefill_weight: float = attrs.field(default=2.0, validator=_non_negative)
+    #: about the engines' time to first token: how long a new request counts as in prefill
+    prefill_window_s: float = attrs.field(default=0.05, validator=_positive)
+
+
+@attrs.frozen
+class CacheAwareSettings:
+    """The ``cache_aware`` policy (see ichat.routing.cache_aware). Every key is hot-reloadable."""
+
+    #: prompt block size in characters (token-id prompts: a quarter as many ids)
+    block_chars: int = attrs.field(default=256, validator=_check(lambda v: v >= 16, "an integer >= 16"))
+    #: blocks hashed per request at most: the prompt beyond block_chars x this is not compared
+    max_prompt_blocks: int = attrs.field(default=256, validator=_at_least_one)
+    #: index entries (blocks) kept per endpoint, least recently used evicted first
+    max_blocks_per_endpoint: int = attrs.field(default=16384, validator=_at_least_one)
+    #: an entry not used for this long no longer counts (engines evict too)
+    ttl_s: float = attrs.field(default=600.0, validator=_positive)
+    #: matched share of the prompt from which affinity applies; below it, the least loaded
+    match_threshold: float = attrs.field(default=0.3, validator=_fraction)
+    #: the imbalance gate: affinity is overridden (least loaded instead) when the matched
+    #: endpoint's load exceeds the least loaded one's by more than balance_abs requests AND
+    #: by more than balance_rel times
+    balance_abs: float = attrs.field(default=2.0, validator=_non_negative)
+    balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
+
+
+@attrs.frozen
+class SessionAffinitySettings:
+    """The ``session_affinity`` policy (see ichat.routing.session)."""
+
+    #: request header carrying the session key ("" = none)
+    header: str = "X-Session-Id"
+    #: top-level body field used as the session key when the header is absent ("" = none)
+    body_field: str = "user"
+    #: bounded load: an endpoint takes a session only while its load is at most this factor
+    #: times the pool's average (plus one); otherwise the session's next endpoint
+    load_factor: float = attrs.field(default=1.25, validator=_at_least_one)
+
+
 @attrs.frozen
 class RoutingSettings:
     #: default policy name (entry points group ``ichat.routing``)
@@ -158,6 +207,9 @@ class RoutingSettings:
     #: extra attempts on other endpoints of the pool, before any byte reached the client
     retries: int = attrs.field(default=2, validator=_check(lambda v: v >= 0, "an integer >= 0"))
     circuit_breaker: CircuitBreakerSettings = attrs.Factory(CircuitBreakerSettings)
+    least_inflight: LeastInflightSettings = attrs.Factory(LeastInflightSettings)
+    cache_aware: CacheAwareSettings = attrs.Factory(CacheAwareSettings)
+    session_affinity: SessionAffinitySettings = attrs.Factory(SessionAffinitySettings)
 
     @property
     def max_body_bytes(self) -> int:

@@ -82,6 +82,7 @@ def build_app(
         routing.per_model,
         failures_to_eject=routing.circuit_breaker.failures,
         cooldown_s=routing.circuit_breaker.cooldown_s,
+        policy_settings=routing,
     )
     for endpoint in static_endpoints(config.routes):
         table.upsert(endpoint)
@@ -91,12 +92,16 @@ def build_app(
     child_keys = ChildKeys(state_dir)
     auth = Authenticator(config.auth, clock=clock, child_verifier=child_keys.verify)
     metrics = GatewayMetrics(table)
+    metrics.add_source(table.policy_samples)  # cache_aware's hits, matched ratio, index size
     proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled, metrics=metrics)
 
     def apply_settings(new: GatewayConfig) -> None:
         """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
         r = new.routing
-        table.configure(r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s)
+        table.configure(
+            r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s,
+            policy_settings=r,
+        )
         for endpoint in [e for e in table.endpoints() if e.source == "route"]:
             table.remove(endpoint.id)
         for endpoint in static_endpoints(new.routes):
