@@ -8,7 +8,7 @@ the client session and the clock through them. Nothing lives at module level.
     TABLE_KEY   RoutingTable        model -> endpoints; static routes are put in here
     RNG_KEY     random.Random       the policies' random source (seedable in tests)
     CLOCK_KEY   () -> float         monotonic seconds (injectable in tests)
-    AUTH_KEY    Authenticator       bearer-key rules by path prefix (``protect`` more prefixes)
+    AUTH_KEY    Authenticator       who may call which route class (ichat.gateway.auth)
     DATA_PLANE_KEY DataPlane        table, upstream client, relay, model lists; reconfigure(config)
     PROXY_KEY   Proxy               the relay handler (the data plane's)
     CLIENT_KEY  aiohttp.ClientSession  the process's one client session (exists while the app runs)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -31,11 +32,13 @@ from ichat.config import GatewayConfig
 from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
+from ichat.gateway.childkeys import ChildKeys
 from ichat.gateway.control import ControlPlane
 from ichat.gateway.logs import setup_logs
 from ichat.gateway.dataplane import DataPlane
 from ichat.gateway.metrics import METRICS_KEY, metrics_handler
 from ichat.gateway.proxy import Proxy
+from ichat.gateway.statefile import default_state_dir
 from ichat.httperrors import error_middleware
 from ichat.routing.table import RoutingTable
 
@@ -52,7 +55,6 @@ DATA_PLANE_KEY = web.AppKey("ichat_data_plane", DataPlane)
 PROXY_KEY = web.AppKey("ichat_proxy", Proxy)
 CLIENT_KEY = web.AppKey("ichat_client_session", aiohttp.ClientSession)
 
-
 def build_app(
     config: GatewayConfig,
     *,
@@ -67,17 +69,16 @@ def build_app(
     data_plane = DataPlane(config, clock=clock, rng=rng)
     table, metrics = data_plane.table, data_plane.metrics
 
-    auth = Authenticator()
-    protect(auth, config)
+    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+    child_keys = ChildKeys(state_dir)
+    auth = Authenticator(config.auth, clock=clock, child_verifier=child_keys.verify)
+    metrics.add_source(table.policy_samples)  # cache_aware's hits, matched ratio, index size
 
     def apply_settings(new: GatewayConfig) -> None:
-        """A reloaded config's data-plane and access settings (managed workers are the control plane's)."""
+        """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
         data_plane.reconfigure(new)
-        protect(auth, new)
         if (new.server_settings.host, new.server_settings.port) != (config.server_settings.host, config.server_settings.port):
             log.warning("server_settings.host/port changes need a gateway restart")
-
-    control = ControlPlane(config, table, clock=clock, config_path=config_path, apply_settings=apply_settings)
 
     app = web.Application(
         # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
@@ -92,10 +93,14 @@ def build_app(
     app[DATA_PLANE_KEY] = data_plane
     app[PROXY_KEY] = data_plane.proxy
     app[METRICS_KEY] = metrics
+    app.cleanup_ctx.append(client_session)
+    collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
+    control = ControlPlane(
+        config, table, clock=clock, config_path=config_path, apply_settings=apply_settings,
+        authenticator=auth, collector=collector, child_keys=child_keys, session=lambda: app.get(CLIENT_KEY),
+    )  # fmt: skip
     app[CONTROL_KEY] = control
     metrics.add_source(control.metric_samples)  # workers by state, heartbeat age, restarts
-    app.cleanup_ctx.append(client_session)
-    control.collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
     app.cleanup_ctx.append(control_plane)
 
     router = app.router
@@ -104,17 +109,6 @@ def build_app(
     router.add_get("/metrics", metrics_handler)
     add_admin_routes(app)
     return app
-
-
-def protect(auth: Authenticator, config: GatewayConfig) -> None:
-    """Who may call what. Admin routes take the admin key, or the client keys when no admin key
-    is set; worker registration takes the cluster token; both open when nothing is set."""
-    keys = config.auth
-    auth.protect("/v1/", keys.api_keys)
-    admin_keys = [keys.admin_key] if keys.admin_key else list(keys.api_keys)
-    auth.protect("/v1/admin/", admin_keys)
-    auth.protect("/v1/logs/", admin_keys)
-    auth.protect("/v1/workers/", [keys.worker_token] if keys.worker_token else [])
 
 
 async def control_plane(app: web.Application) -> AsyncIterator[None]:
@@ -128,7 +122,8 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream session, for the app's lifetime (owned by the data plane)."""
+    """The process's one client session, for the app's lifetime (owned by the data plane; the
+    control plane and the log collector use it too)."""
     data_plane = app[DATA_PLANE_KEY]
     app[CLIENT_KEY] = data_plane.open_session()
     try:

@@ -49,6 +49,7 @@ class DataPlane:
             routing.per_model,
             failures_to_eject=routing.circuit_breaker.failures,
             cooldown_s=routing.circuit_breaker.cooldown_s,
+            policy_settings=routing,
         )
         for endpoint in static_endpoints(config.routes):
             self.table.upsert(endpoint)
@@ -72,7 +73,10 @@ class DataPlane:
         routing = config.routing
         breaker = routing.circuit_breaker
         table = self.table
-        table.configure(routing.policy, routing.per_model, failures_to_eject=breaker.failures, cooldown_s=breaker.cooldown_s)
+        table.configure(
+            routing.policy, routing.per_model, failures_to_eject=breaker.failures, cooldown_s=breaker.cooldown_s,
+            policy_settings=routing,
+        )  # fmt: skip
         for endpoint in [e for e in table.endpoints() if e.source == "route"]:
             table.remove(endpoint.id)
         for endpoint in static_endpoints(config.routes):

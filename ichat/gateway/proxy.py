@@ -249,7 +249,7 @@ class Proxy:
         if stream and obj is not None and model in self.migration_models and migratable(path, obj):
             exchange.splicer = StreamSplicer(path, obj)
             body = exchange.splicer.upstream_body()
-        info = RequestInfo(model, path, len(body), stream)
+        info = RequestInfo(model, path, len(body), stream, body=obj, headers=request.headers)
         policy = table.policy_for(model)
 
         tried: list[Endpoint] = []
@@ -577,4 +577,3 @@ class Proxy:
 def _server(endpoint: Endpoint) -> str:
     """How client-facing messages name an upstream: by its model, never its address."""
     return f"The server for the model '{endpoint.model_name}'"
-
