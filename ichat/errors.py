@@ -18,9 +18,9 @@
     ├── LogStreamBroken             gateway side: a worker's log stream ended or answered an error
     └── InvalidTransition           a bug: the supervisor tried a move its state machine lacks
 
-The data plane's own failures (``UpstreamFailure``, ichat.gateway.upstream.errors) hang below this root too. Foreign
-exceptions (aiohttp, engine, config parser) are translated once, where they are caught, with
-``raise ... from exc``; handlers only ever see these (ichat.httperrors turns them into answers).
+The data plane's own failures (``UpstreamFailure``, ichat.gateway.upstream.errors) hang below
+this root too. Foreign exceptions (aiohttp, engine, config parser) are translated once, where
+they are caught, with ``raise ... from exc``; handlers only ever see these (ichat.httperrors turns them into answers).
 """
 
 from __future__ import annotations
