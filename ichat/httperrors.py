@@ -1,4 +1,4 @@
-"""Turning iChat errors into HTTP answers: the one place both the gateway and the worker use.
+"""HTTP answers, the one place both the gateway and the worker use: JSON bodies, and iChat errors.
 
 Every error leaves as an OpenAI-shaped body (``ichat.errors``); aiohttp's own HTTP exceptions
 (no route, wrong method, body too large, a body that cannot be read) are translated the same way; anything unexpected is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -20,6 +21,11 @@ from ichat.errors import IChatError, InvalidRequest, NotFound, PayloadTooLarge, 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _HTTP_ERRORS: dict[int, type[IChatError]] = {400: InvalidRequest, 404: NotFound, 413: PayloadTooLarge}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer (orjson), for every handler of gateway and worker."""
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def error_response(err: IChatError) -> web.Response:

@@ -29,15 +29,12 @@ from ichat.engines import installed_engines
 from ichat.errors import ConfigError, InvalidRequest, PayloadTooLarge, UnprocessableEntity
 from ichat.gateway.auth import PRINCIPAL
 from ichat.gateway.control import ControlPlane
+from ichat.httperrors import json_response
 from ichat.protocol import MAX_HEARTBEAT_BYTES, parse_heartbeat
 
 CONTROL_KEY = web.AppKey("ichat_control", ControlPlane)
 #: admin bodies are small specs; nothing here needs the data plane's large limit
 MAX_ADMIN_BODY_BYTES = 256 * 1024
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 async def _body(request: web.Request, limit: int = MAX_ADMIN_BODY_BYTES) -> Any:
@@ -61,7 +58,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     control = request.app[CONTROL_KEY]
     beat = parse_heartbeat(await _body(request, MAX_HEARTBEAT_BYTES))
     record = control.beat(beat, request[PRINCIPAL])
-    return _json({"status": "ok", "worker_id": record.worker_id, "routable": control.routable(record.worker_id)})
+    return json_response({"status": "ok", "worker_id": record.worker_id, "routable": control.routable(record.worker_id)})
 
 
 async def deregister(request: web.Request) -> web.Response:
@@ -71,34 +68,34 @@ async def deregister(request: web.Request) -> web.Response:
     if not isinstance(body.get("instance_id"), str) or not body["instance_id"]:
         raise InvalidRequest("deregister needs the 'instance_id' of the registered instance", param="instance_id")
     removed = request.app[CONTROL_KEY].deregister(body["worker_id"], body["instance_id"], request[PRINCIPAL])
-    return _json({"status": "ok", "removed": removed})
+    return json_response({"status": "ok", "removed": removed})
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": request.app[CONTROL_KEY].worker_views()})
+    return json_response({"object": "list", "data": request.app[CONTROL_KEY].worker_views()})
 
 
 async def get_worker(request: web.Request) -> web.Response:
-    return _json(request.app[CONTROL_KEY].worker_view(request.match_info["worker_id"]))
+    return json_response(request.app[CONTROL_KEY].worker_view(request.match_info["worker_id"]))
 
 
 async def launch_worker(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body, dict):
         raise UnprocessableEntity("launch needs a JSON object with the fields of a managed_workers entry")
-    return _json(await request.app[CONTROL_KEY].launch(body), status=201)
+    return json_response(await request.app[CONTROL_KEY].launch(body), status=201)
 
 
 async def delete_worker(request: web.Request) -> web.Response:
-    return _json(await request.app[CONTROL_KEY].remove(request.match_info["worker_id"]))
+    return json_response(await request.app[CONTROL_KEY].remove(request.match_info["worker_id"]))
 
 
 async def cluster_status(request: web.Request) -> web.Response:
-    return _json(request.app[CONTROL_KEY].cluster_status())
+    return json_response(request.app[CONTROL_KEY].cluster_status())
 
 
 async def cluster_version(request: web.Request) -> web.Response:
-    return _json({"version": __version__, "python": platform.python_version(), "engines": installed_engines()})
+    return json_response({"version": __version__, "python": platform.python_version(), "engines": installed_engines()})
 
 
 async def reload_config(request: web.Request) -> web.Response:
@@ -106,7 +103,7 @@ async def reload_config(request: web.Request) -> web.Response:
         summary = await request.app[CONTROL_KEY].reload()
     except ConfigError as exc:
         raise UnprocessableEntity(f"config not applied, the running config stays: {exc.message}", code="invalid_config") from exc
-    return _json({"status": "applied", **summary})
+    return json_response({"status": "applied", **summary})
 
 
 def add_routes(app: web.Application) -> None:

@@ -30,7 +30,7 @@ from ichat.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from ichat.httperrors import error_middleware
+from ichat.httperrors import error_middleware, json_response
 from ichat.logs.hub import LogHub
 from ichat.logs.sse import end_streams_on_shutdown, stream_hubs
 # the worker's phases are the reported states of the wire protocol (LOADING is the first)
@@ -113,10 +113,6 @@ WORKER_STATE = web.AppKey("worker_state", WorkerState)
 WORKER_METRICS = web.AppKey("worker_metrics", WorkerMetrics)
 LOG_HUB = web.AppKey("log_hub", LogHub)
 GPU_INVENTORY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("gpu_inventory")
-
-
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
 def _ready_engine(state: WorkerState) -> Engine:
@@ -209,7 +205,7 @@ def _correlation(value: str | None) -> str | None:
 
 async def handle_models(request: web.Request) -> web.Response:
     engine = _ready_engine(request.app[WORKER_STATE])
-    return _json(200, {"object": "list", "data": await engine.models()})
+    return json_response({"object": "list", "data": await engine.models()})
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -221,11 +217,11 @@ async def handle_health(request: web.Request) -> web.Response:
             state.phase, state.error = ERROR, f"engine health check failed: {exc}"
             log.error("%s", state.error)
     if state.phase == READY:
-        return _json(200, {"status": "ok"})
+        return json_response({"status": "ok"})
     body = {"status": state.phase}
     if state.error:
         body["error"] = state.error
-    return _json(503, body, headers={"Retry-After": "5"})
+    return json_response(body, 503, headers={"Retry-After": "5"})
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -258,7 +254,7 @@ async def handle_info(request: web.Request) -> web.Response:
     if challenge and state.child_secret and len(challenge) <= 128:
         # a restarted gateway asking before it adopts this process (ichat.gateway.supervisor)
         info["proof"] = child_proof(state.child_secret, challenge, info["pid"], state.options.port)
-    return _json(200, info)
+    return json_response(info)
 
 
 def describe(state: WorkerState) -> dict[str, Any]:
