@@ -4,6 +4,7 @@
 set -euo pipefail
 packages=(
   nftables   # tests/netns.py: drop a test host's packets (this kernel has no netem)
+  openssl    # tests/gateway/test_answer_sizes.py: a throw-away certificate for the HTTPS upstream
 )
 missing=()
 for p in "${packages[@]}"; do
