@@ -141,6 +141,24 @@ def wait_all(servers: dict[str, tuple[Server, int]], deadline: float) -> dict[st
     return ready
 
 
+def greedy_answers(port: int) -> dict[str, str]:
+    """The same greedy questions to each server, fresh (no cached prefix), before any load."""
+    got = {}
+    for label, path, body in (
+        ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+        ("chat-2", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Name three primary colors."}]}),
+        ("completion", "/v1/completions", {"prompt": "The capital of France is"}),
+    ):
+        status, raw = http("POST", f"http://127.0.0.1:{port}{path}",
+                           {"model": NAME, "temperature": 0, "max_tokens": 24, **body}, timeout=60)  # fmt: skip
+        try:
+            choice = json.loads(raw)["choices"][0]
+            got[label] = f"{status} " + (choice.get("message", {}).get("content") or choice.get("text") or "")
+        except (ValueError, KeyError, IndexError):
+            got[label] = f"{status} {raw[:200]!r}"
+    return got
+
+
 def bench(model: str, port: int, concurrency: int, prompts: int, seed: int, label: str) -> dict[str, Any]:
     """One batch of `vllm bench serve` (vllm.benchmarks.serve, as its CLI subcommand runs it)."""
     from vllm.benchmarks.serve import add_cli_args, main
@@ -203,6 +221,7 @@ def main() -> int:
     parser.add_argument("--model", default="/root/smol")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/sglang-bench")))
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--deadline", type=float, default=time.time() + 570, help="epoch seconds: stop by then")
     ns = parser.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +248,9 @@ def main() -> int:
             {"sglang": (servers["sglang"], PORTS["sglang"]), "gateway": (servers["gateway"], PORTS["gateway"])},
             ns.deadline - 120,
         )
+        summary["answers"] = {t: greedy_answers(PORTS[t]) for t in PORTS}
+        for target, got in summary["answers"].items():
+            say(f"{target:8s} greedy answers: {got}")
         for target in PORTS:  # warm-up batch each (not counted)
             bench(ns.model, PORTS[target], 16, 64, 999, target)
         say("warmed up")
@@ -240,7 +262,8 @@ def main() -> int:
             if rnd and time.time() + per_round * 1.15 > ns.deadline - 45:
                 say(f"stopping after {rnd} rounds: the next would pass the deadline")
                 break
-            for wl, (conc, prompts) in WORKLOADS.items():
+            for wl in ns.workloads:
+                conc, prompts = WORKLOADS[wl]
                 for target in order:
                     row = bench(ns.model, PORTS[target], conc, prompts, seed, target)
                     rows.append(row)

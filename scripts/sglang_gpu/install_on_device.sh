@@ -46,14 +46,14 @@ model_pid=$!
 # What the serving path loads, before any server starts: the kernels (Hopper build), SGLang, the
 # plugin's entry points in this SGLang, and the bench client.
 python3 -W ignore - <<'EOF'
-import importlib, torch
-import sgl_kernel, sglang, transformers, tokenizers, xgrammar, tvm_ffi, flashinfer
+import importlib.metadata as md
+import torch
+import sgl_kernel, sglang  # noqa: F401  (the Hopper ops load here)
 from ichat.engines import installed_engines
 from ichat.engines import sglang as plugin
 print("torch", torch.__version__, torch.cuda.get_device_name(0), "cc", torch.cuda.get_device_capability(0))
-print("sglang", sglang.__version__, "sgl_kernel", sgl_kernel.__version__, "transformers", transformers.__version__,
-      "tokenizers", tokenizers.__version__, "xgrammar", xgrammar.__version__, "tvm_ffi", tvm_ffi.__version__,
-      "flashinfer", flashinfer.__version__)
+print({d: md.version(d) for d in ("sglang", "sglang-kernel", "transformers", "tokenizers", "xgrammar",
+                                  "apache-tvm-ffi", "flashinfer-python", "triton")})
 print("iChat engines:", installed_engines())
 for name in plugin.API_LOCATIONS:
     print(f"  {name:24s} <- {plugin.sglang_api(name).__module__}")
