@@ -47,6 +47,8 @@ CONTEXT = "2048"
 MAX_TOTAL_TOKENS = "200000"  # one KV pool size for both, whatever each one finds free at start
 BACKENDS = {"attention_backend": "triton", "sampling_backend": "pytorch"}
 WORKLOADS = {"c1": (1, 32), "c64": (64, 512)}
+#: vLLM's Python files for the client (install_on_device.sh), kept off the servers' import path.
+VLLM_BENCH_DIR = os.environ.get("VLLM_BENCH_DIR", "/tmp/vllm-bench")
 
 GATEWAY_YAML = """\
 # Written by scripts/sglang_gpu/bench.py: the gateway with one managed SGLang worker on GPU 0.
@@ -161,6 +163,8 @@ def greedy_answers(port: int) -> dict[str, str]:
 
 def bench(model: str, port: int, concurrency: int, prompts: int, seed: int, label: str) -> dict[str, Any]:
     """One batch of `vllm bench serve` (vllm.benchmarks.serve, as its CLI subcommand runs it)."""
+    if VLLM_BENCH_DIR not in sys.path:  # the client only: the servers were started without it
+        sys.path.insert(0, VLLM_BENCH_DIR)
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 

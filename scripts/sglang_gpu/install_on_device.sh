@@ -9,10 +9,12 @@ cd /root
 ls -la parts
 cat parts/p* > bundle.tar && mkdir -p b && tar xf bundle.tar -C b && rm -rf bundle.tar parts
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" b/deps/*.whl
+# The bench client's vLLM goes into its own folder, which only bench.py puts on its path: SGLang
+# imports vLLM where it finds one (quantization helpers), and the servers under test must not.
 python3 - "$site" <<'EOF'
 import sys, zipfile
-for name in ("sgl-kernel-trim.zip", "vllm-bench.zip"):
-    zipfile.ZipFile(f"/root/b/{name}").extractall(sys.argv[1])
+zipfile.ZipFile("/root/b/sgl-kernel-trim.zip").extractall(sys.argv[1])
+zipfile.ZipFile("/root/b/vllm-bench.zip").extractall("/tmp/vllm-bench")
 EOF
 cd - >/dev/null
 # iChat finds its engines and routing policies through entry points: register the checkout.
@@ -57,6 +59,8 @@ print({d: md.version(d) for d in ("sglang", "sglang-kernel", "transformers", "to
 print("iChat engines:", installed_engines())
 for name in plugin.API_LOCATIONS:
     print(f"  {name:24s} <- {plugin.sglang_api(name).__module__}")
+import sys
+sys.path.insert(0, "/tmp/vllm-bench")
 from vllm.benchmarks.serve import add_cli_args, main  # noqa: F401  (the `vllm bench serve` client)
 print("vllm.benchmarks.serve importable")
 EOF
