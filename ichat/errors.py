@@ -5,6 +5,7 @@
     ├── EngineUnavailable           startup only: unknown backend, engine not installed
     ├── InvalidRequest              400 invalid_request_error
     ├── AuthenticationFailed        401 invalid_api_key
+    ├── Forbidden                   403 forbidden
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge             413 request_too_large
@@ -61,6 +62,12 @@ class AuthenticationFailed(IChatError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(IChatError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(IChatError):
