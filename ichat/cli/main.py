@@ -150,7 +150,7 @@ async def _launch(client: GatewayClient, args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(answer))
     else:
-        print(f"launched {answer['worker_id']} ({answer['state']}); follow it with `ichat logs {answer['worker_id']} -f`")
+        print(f"launched {answer['worker_id']}; follow its start with `ichat logs {answer['worker_id']} -f`")
     return 0
 
 

@@ -205,7 +205,7 @@ def test_launch_then_stop_a_worker(gateway, env):
         "--backend", "stub", "--heartbeat-interval", "0.5", "--stub-log-interval", "0.5", "--stub-chunks", "3", env=env,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr
-    assert launched.stdout.startswith(f"launched {worker_id} (")
+    assert launched.stdout == f"launched {worker_id}; follow its start with `ichat logs {worker_id} -f`\n"
     wait_until(lambda: admin_workers(gateway).get(worker_id, {}).get("routable"), 30, interval=0.2, what="launched ready")
     spec = admin_worker(gateway, worker_id)["spec"]
     assert spec["engine_flags"] == {"stub_log_interval": "0.5", "stub_chunks": "3"}  # engine flags in vLLM naming
@@ -310,3 +310,16 @@ def test_chat_errors(gateway, env):
     assert ": 401 " in line and "ICHAT_API_KEY" in line, line
     unknown = one_error_line(ichat("chat", "no-such-model", "hi", env={**env, "ICHAT_API_KEY": CLIENT_KEY}))
     assert "chat: 404" in unknown and "no-such-model" in unknown
+
+
+def test_gateway_start_prints_progress_and_a_ready_block(gateway):
+    log = gateway.log_text()
+    wid = gateway.managed_id
+    assert f"ichat ▸ {wid}: starting" in log
+    assert re.search(rf"ichat ▸ {wid}: iChat worker {wid} listening on http://127\.0\.0\.1:\d+ \(backend stub", log)
+    assert re.search(rf"ichat ▸ {wid}: ready \(after \d+\.\ds\)", log)
+    block = log[log.index(f"ichat ▸ ready: {MODEL} at {gateway.base_url}/v1") :]
+    assert f"  curl {gateway.base_url}/v1/chat/completions" in block
+    assert "Bearer $ICHAT_API_KEY" in block  # this gateway needs a client key
+    assert f'OpenAI(base_url="{gateway.base_url}/v1", api_key=os.environ["ICHAT_API_KEY"])' in block
+    assert log.count("ichat ▸ ready:") == 1

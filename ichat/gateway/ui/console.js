@@ -5,6 +5,7 @@
   const KEY_STORE = "ichat.adminKey";
   const WORKERS_EVERY_MS = 1000;
   const METRICS_EVERY_MS = 2000;
+  const RATE_WINDOW_MS = 30000;
   const LOG_LINES_KEPT = 2000;
   const $ = (selector) => document.querySelector(selector);
   let adminKey = sessionStorage.getItem(KEY_STORE) || "";
@@ -131,7 +132,7 @@
     $("#workers-count").textContent = `(${views.length})`;
   }
 
-  const metricsView = { previous: null, rates: {} };
+  const metricsView = { snapshots: [], rates: {} };
 
   function renderModels(status) {
     const tbody = $("#models tbody");
@@ -231,12 +232,13 @@
   async function refreshMetrics() {
     try {
       const text = await api("GET", "/metrics");
-      const snapshot = { at: performance.now(), models: parseMetrics(typeof text === "string" ? text : "") };
-      if (metricsView.previous) {
-        const dt = (snapshot.at - metricsView.previous.at) / 1000;
-        if (dt > 0) metricsView.rates = computeRates(metricsView.previous.models, snapshot.models, dt);
-      }
-      metricsView.previous = snapshot;
+      const now = performance.now();
+      const snapshot = { at: now, models: parseMetrics(typeof text === "string" ? text : "") };
+      // rates over a sliding window: the oldest snapshot kept is at most RATE_WINDOW_MS old
+      metricsView.snapshots = metricsView.snapshots.filter((s) => now - s.at <= RATE_WINDOW_MS);
+      const oldest = metricsView.snapshots[0];
+      if (oldest && now > oldest.at) metricsView.rates = computeRates(oldest.models, snapshot.models, (now - oldest.at) / 1000);
+      metricsView.snapshots.push(snapshot);
       renderModels(lastStatus);
     } catch (_) { /* the poll above reports refusals; metrics just stay blank */ }
   }
@@ -379,7 +381,7 @@
     if (form.backend.value.trim()) spec.backend = form.backend.value.trim();
     if (form.gpu_ids.value.trim()) spec.gpu_ids = form.gpu_ids.value.split(",").map((x) => Number(x.trim()));
     act(`Launch ${spec.model_name} (${spec.model_path}) on port ${spec.port}?`, "POST", "/v1/admin/workers/launch", spec,
-      (a) => `Launched ${a.worker_id} (${a.state}).`);
+      (a) => `Launched ${a.worker_id}; its state shows in the table.`);
   }
 
   function onWorkerButton(event) {
