@@ -51,6 +51,7 @@ class StartupReport:
     def __init__(self, waiting_for: Iterable[str]) -> None:
         self.waiting_for = set(waiting_for)
         self.states: dict[str, str] = {}
+        self.last_step: dict[str, str] = {}
         self.done = not self.waiting_for
 
     def states_seen(self, snapshots: Iterable[Mapping[str, Any]], elapsed_s: float) -> list[str]:
@@ -75,7 +76,10 @@ class StartupReport:
         if worker_id is None or self.states.get(worker_id) not in (None, "starting"):
             return None
         step = loading_step(line)
-        return f"{worker_id}: {step}" if step else None
+        if step is None or self.last_step.get(worker_id) == step:
+            return None  # progress bars print their last state more than once
+        self.last_step[worker_id] = step
+        return f"{worker_id}: {step}"
 
     def finished(self) -> bool:
         """True once, when every worker waited for is ready or has given up."""
