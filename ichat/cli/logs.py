@@ -126,6 +126,8 @@ class LogFollower:
                 reason = exc.message
             except CliError:
                 raise  # refused (401/403) or gone (404): retrying would not change the answer
+            except BrokenPipeError:
+                raise  # our reader went away (`| head`), not the gateway
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 if not self.follow:
                     raise CliError(f"logs: the stream broke: {exc or type(exc).__name__}") from exc

@@ -187,8 +187,14 @@ COMMANDS: dict[str, Callable[[GatewayClient, argparse.Namespace], Awaitable[int]
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if not args.gateway.startswith(("http://", "https://")):
+        raise CliError(f"the gateway address must be a URL like http://host:4000, got {args.gateway!r}; set --gateway or ICHAT_GATEWAY", 2)
     async with GatewayClient(args.gateway, admin_key=args.admin_key, api_key=args.api_key) as client:
-        return await COMMANDS[args.command](client, args)
+        try:
+            return await COMMANDS[args.command](client, args)
+        except (KeyError, TypeError, AttributeError) as exc:
+            # a 200 answer without the fields iChat's admin API sends
+            raise CliError(f"{args.command}: unexpected answer from {client.base_url} (missing {exc}); is it an iChat gateway?") from exc
 
 
 def _server(name: str, argv: list[str]) -> int:
@@ -224,3 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`ichat logs | head`): not an error; keep Python from
+        # complaining again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

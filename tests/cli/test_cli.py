@@ -286,6 +286,27 @@ def test_unreachable_gateway(env):
     assert "cannot reach the gateway" in follow
 
 
+def test_a_gateway_address_that_is_not_a_url(env):
+    result = ichat("workers", env={**env, "ICHAT_GATEWAY": "gw:4000"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "ichat: the gateway address must be a URL like http://host:4000, got 'gw:4000'; set --gateway or ICHAT_GATEWAY"
+
+
+def test_a_server_that_is_not_an_ichat_gateway(gateway, env):
+    # "/health?" turns every path after it into a query: the JSON that comes back is not the admin API's
+    url = gateway.base_url + "/health?"
+    line = one_error_line(ichat("workers", env={**env, "ICHAT_GATEWAY": url}))
+    assert line == f"ichat: workers: unexpected answer from {url} (missing 'data'); is it an iChat gateway?"
+
+
+def test_a_reader_that_goes_away_is_not_an_error(gateway, env):
+    proc = subprocess.Popen([str(ICHAT), "logs", "-f", "--tail", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(100)  # some lines came
+    proc.stdout.close()  # `| head` ends
+    assert proc.wait(20) == 0
+    assert proc.stderr.read() == b""
+
+
 @pytest.mark.parametrize("command", [["workers"], ["status"], ["models"], ["logs", "--tail", "1"], ["reload"], ["stop", "x"]])
 def test_missing_admin_key_names_the_setting(gateway, command):
     line = one_error_line(ichat(*command, env=cli_env(gateway.base_url, admin_key=None)))
