@@ -35,6 +35,7 @@ _LOADING_STEPS = re.compile(
     r"|engine ready|listening on|iChat worker ready|Traceback|Error:|ERROR|CRITICAL"
 )
 _MAX_LINE = 200
+_BAR_TAIL = re.compile(r"\s*\[[^\]]*\]\s*$")
 
 
 def loading_step(line: str) -> str | None:
@@ -76,9 +77,13 @@ class StartupReport:
         if worker_id is None or self.states.get(worker_id) not in (None, "starting"):
             return None
         step = loading_step(line)
-        if step is None or self.last_step.get(worker_id) == step:
-            return None  # progress bars print their last state more than once
-        self.last_step[worker_id] = step
+        if step is None:
+            return None
+        # a progress bar prints its last state more than once, its rate ("[00:00, 5.7it/s]") varying
+        key = _BAR_TAIL.sub("", step)
+        if self.last_step.get(worker_id) == key:
+            return None
+        self.last_step[worker_id] = key
         return f"{worker_id}: {step}"
 
     def finished(self) -> bool:
