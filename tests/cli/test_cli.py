@@ -267,6 +267,21 @@ def test_worker_command_runs_a_worker_that_registers(gateway, tmp, env):
         log.close()
 
 
+def test_gateway_command_serves_and_stops_cleanly(tmp, env):
+    port = free_port()
+    config = tmp / "plain.yaml"
+    config.write_text(f"server_settings: {{host: 127.0.0.1, port: {port}}}\nstate_dir: {tmp / 'plain-state'}\n")
+    with open(tmp / "plain-gateway.log", "wb") as log:
+        proc = subprocess.Popen([str(ICHAT), "gateway", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 30, what="ichat gateway up")
+            workers = ichat("workers", "--json", env={**env, "ICHAT_GATEWAY": f"http://127.0.0.1:{port}"})
+            assert workers.returncode == 0 and orjson.loads(workers.stdout) == []
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+
+
 def test_gateway_command_reports_a_bad_config_like_python_m_ichat_gateway(tmp, env):
     bad = tmp / "bad.yaml"
     bad.write_text("routing:\n  timeouts:\n    connect_s: soon\n")
