@@ -179,21 +179,29 @@ class FollowedCli:
         self.popen.wait(10)
 
 
-def test_logs_follow_resumes_after_a_dropped_connection_without_loss_or_repeats(gateway, env):
+@pytest.mark.parametrize("one_worker", [True, False], ids=["one-worker", "all-workers"])
+def test_logs_follow_resumes_after_a_dropped_connection_without_loss_or_repeats(gateway, env, one_worker):
     relay = TcpRelay(("127.0.0.1", free_port()), ("127.0.0.1", gateway.port))
     relayed = {**env, "ICHAT_GATEWAY": f"http://127.0.0.1:{relay._server.getsockname()[1]}"}
-    cli = FollowedCli("logs", gateway.managed_id, "-f", "--tail", "1", env=relayed)
+    which = [gateway.managed_id] if one_worker else []
+    prefix = "" if one_worker else f"[{gateway.managed_id}] "
+
+    def followed() -> list[int]:
+        text = "".join(l[len(prefix) :] for l in cli.out if l.startswith(prefix))
+        return numbers(text)
+
+    cli = FollowedCli("logs", *which, "-f", "--tail", "1", env=relayed)
     try:
-        wait_until(lambda: len(numbers("".join(cli.out))) >= 5, 20, what="5 followed lines")
+        wait_until(lambda: len(followed()) >= 5, 20, what="5 followed lines")
         assert relay.cut() == 1
-        before = len(numbers("".join(cli.out)))
+        before = len(followed())
         wait_until(lambda: "reconnecting" in "".join(cli.err), 20, what="the CLI noticing the drop")
-        wait_until(lambda: len(numbers("".join(cli.out))) >= before + 10, 20, what="lines after the reconnect")
+        wait_until(lambda: len(followed()) >= before + 10, 20, what="lines after the reconnect")
         assert relay.accepted >= 2  # it really came back through a second connection
     finally:
         cli.stop()
         relay.close()
-    got = numbers("".join(cli.out))
+    got = followed()
     assert got == list(range(got[0], got[0] + len(got))), f"lost or repeated lines: {got}"
 
 
