@@ -50,8 +50,8 @@ def worker_state(view: Mapping[str, Any]) -> str:
     """The registry's word, with the supervisor's when it says more (e.g. backing_off)."""
     state = str(view.get("state") or "-")
     managed = view.get("managed_state")
-    if managed and managed != state and managed not in ("ready",):
-        return f"{state} ({managed})" if state != managed else state
+    if managed and managed not in (state, "ready"):
+        return f"{state} ({managed})"
     return state
 
 
