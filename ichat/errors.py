@@ -5,7 +5,7 @@
     ├── EngineUnavailable           startup only: unknown backend, engine not installed
     ├── InvalidRequest              400 invalid_request_error
     ├── AuthenticationFailed        401 invalid_api_key
-    ├── Forbidden                   403 forbidden
+    ├── PermissionDenied            403 permission_error
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge             413 request_too_large
@@ -64,7 +64,7 @@ class AuthenticationFailed(IChatError):
     code = "invalid_api_key"
 
 
-class Forbidden(IChatError):
+class PermissionDenied(IChatError):
     status = 403
     type = "permission_error"
     code = "forbidden"

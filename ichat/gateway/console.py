@@ -19,7 +19,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from ichat.errors import Forbidden, NotFound
+from ichat.errors import NotFound, PermissionDenied
 
 #: the files the console is made of, with their content types; nothing else is served
 FILES = {
@@ -57,7 +57,7 @@ def setup_console(app: web.Application, admin_open: Callable[[], bool]) -> None:
 
     def check_peer(request: web.Request) -> None:
         if admin_open() and not is_loopback(request.remote):
-            raise Forbidden(
+            raise PermissionDenied(
                 "The console is served to loopback only while the admin API has no key; "
                 "set auth.admin_key (or admin_key_env) in the gateway config to use it from another host.",
             )
