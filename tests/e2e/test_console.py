@@ -5,8 +5,8 @@ Workers use the stub engine: the console is about the admin API and log transpor
 generation. The page is first used without the admin key (its actions must be refused), then
 with it: a worker launched from the page appears in the table, a kill -9 shows as a state
 change without a reload, and the log view shows lines the worker printed after the page loaded.
-Screenshots go to the test's temp dir; with ICHAT_CONSOLE_SCREENSHOTS=DIR also to DIR (that is
-how docs/console-*.png are made).
+Screenshots go to the test's temp dir; with ICHAT_CONSOLE_SCREENSHOTS=DIR the crash one also to DIR
+(that is how docs/console-crashed.png is made).
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def message(driver) -> str:
     return el.text if el.is_displayed() else ""
 
 
-def screenshot(driver, tmp: Path, name: str) -> None:
+def screenshot(driver, tmp: Path, name: str, *, for_docs: bool = False) -> None:
     path = tmp / f"console-{name}.png"
     driver.save_screenshot(str(path))
     assert path.stat().st_size > 10_000  # a rendered page, not a blank
     target = os.environ.get("ICHAT_CONSOLE_SCREENSHOTS")
-    if target:  # for docs/: a 64-colour palette keeps the PNG small (the page has few colours)
+    if target and for_docs:  # for docs/: a 64-colour palette keeps the PNG small (the page has few colours)
         from PIL import Image
 
         Image.open(path).convert("RGB").quantize(colors=64).save(Path(target) / path.name, optimize=True)
@@ -178,7 +178,7 @@ def test_launched_worker_appears_and_a_kill_shows_as_a_state_change(gateway, bro
         return bool(seen & {"crashed", "backing_off", "starting"})
 
     until(browser, changed, "the crash to show in the table")
-    screenshot(browser, e2e_tmp, "crashed")
+    screenshot(browser, e2e_tmp, "crashed", for_docs=True)
     until(browser, lambda d: worker_row_state(d, worker_id) == "ready" and d.find_element(
         By.CSS_SELECTOR, f'#workers tbody tr[data-worker-id="{worker_id}"] td.restarts').text == "1", "the restart", 60)
 
