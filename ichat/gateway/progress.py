@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
+
+log = logging.getLogger("ichat.gateway.progress")
 
 POLL_S = 0.25
 PREFIX = "ichat ▸ "
@@ -162,7 +165,14 @@ async def show_progress(
 ) -> AsyncIterator[None]:
     """Print start-up progress while the body runs (the gateway's serve loop)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.create_task(report(app, gateway_url, write, clock or loop.time), name="startup-progress")
+
+    async def guarded() -> None:
+        try:
+            await report(app, gateway_url, write, clock or loop.time)
+        except Exception:  # progress lines are a courtesy: a bug here must not stop the gateway
+            log.exception("start-up progress reporting failed; the gateway runs on without it")
+
+    task = asyncio.create_task(guarded(), name="startup-progress")
     try:
         yield
     finally:
