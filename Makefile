@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: system setup models sglang-args-venv test test-fast run worker bench clean
+.PHONY: system setup models sglang-args-venv test test-fast run worker bench bench-routing clean
 
 setup:
 	@scripts/setup_venv.sh
@@ -43,11 +43,17 @@ worker: setup models
 	@$(PY) -m ichat.worker --model "$(MODELS_DIR)/smollm2-135m-instruct" --served-model-name smollm2 \
 		--port 8001 --enforce-eager --max-model-len 2048
 
-# Also draws the results as docs/bench-gateway-overhead.png (matplotlib: for this chart only).
-bench: setup
+# Also draws the gateway overhead results as docs/bench-gateway-overhead.png (matplotlib, for this chart only).
+bench: setup models
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	@$(PY) benchmarks/gateway_overhead.py --json benchmarks/results.json
 	@$(PY) benchmarks/chart.py benchmarks/results.json docs/bench-gateway-overhead.png
+	@$(MAKE) --no-print-directory bench-routing
+
+# Routing: policy cost per request and index memory; then hit rate / TTFT on two real replicas.
+bench-routing: setup models
+	@$(PY) benchmarks/routing_policy_cost.py
+	@$(PY) benchmarks/routing_quality.py
 
 clean:
 	rm -rf $(VENV) .venv-sglang-args .pytest_cache

@@ -132,11 +132,13 @@ async def report(
     control = app[CONTROL_KEY]
     consoles = app[LOGS_KEY].consoles
     started = clock()
-    progress = StartupReport(control.supervisor.workers)
+    # the control plane's own views (what the admin API serves), not the supervisor's internals
+    progress = StartupReport(control.managed_ids())
     sub = consoles.subscribe()
     try:
         while True:
-            for line in progress.states_seen((w.snapshot() for w in list(control.supervisor.workers.values())), clock() - started):
+            managed = [v for v in control.worker_views() if v.get("managed_state")]
+            for line in progress.states_seen(managed, clock() - started):
                 write(PREFIX + line)
             _, lines = sub.take()
             for log_line in lines:
@@ -145,7 +147,7 @@ async def report(
                     write(PREFIX + text)
             if progress.finished():
                 failed = [w for w in progress.waiting_for if progress.states.get(w) == "failed"]
-                models = control.table.models()
+                models = control.cluster_status().get("models") or {}
                 for text in ready_block(gateway_url, models, api_key_needed=bool(control.config.auth.api_keys), failed=failed):
                     write(text if text.startswith("  ") else PREFIX + text)  # commands stay copyable
             await sub.wait(POLL_S)
