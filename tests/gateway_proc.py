@@ -18,7 +18,10 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 
 class GatewayProc(Proc):
-    def __init__(self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway") -> None:
+    def __init__(
+        self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_dir / f"{name}.yaml"
@@ -29,7 +32,7 @@ class GatewayProc(Proc):
         self.config = config
         write_yaml(self.config_path, config)
         argv = [sys.executable, "-m", "ichat.gateway", "--config", str(self.config_path)]
-        super().__init__(argv, tmp_dir / f"{name}-{self.port}.log")
+        super().__init__(argv, tmp_dir / f"{name}-{self.port}.log", env)  # env: also its managed workers'
 
     def wait_up(self, timeout: float = 30.0) -> None:
         def up() -> bool:
