@@ -112,7 +112,8 @@ def group_members(pgid: int) -> dict[int, str]:
             stat = (entry / "stat").read_text()
             state, _ppid, group = stat.rsplit(") ", 1)[1].split()[:3]
             if int(group) == pgid and state != "Z":
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found[int(entry.name)] = cmdline.strip()  # vLLM pads its ranks' process titles
         except (OSError, ValueError, IndexError):
             pass
     return found
