@@ -95,7 +95,7 @@ def _api_base(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
 
 def _ray_address(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
     # What `ray start --head` prints for other nodes: HOST:PORT (or "auto": the local cluster).
-    if value is not None and value != "auto" and not re.match(r"^(ray://)?[A-Za-z0-9.\-]+:\d{1,5}$", value):
+    if value is not None and value != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9.\-]+:\d{1,5}", value):
         raise _Invalid(f"expected a Ray cluster address like 10.0.0.1:6379, got {value!r}", attribute.name)
 
 

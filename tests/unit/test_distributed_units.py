@@ -43,7 +43,7 @@ def test_ray_address_forms_ray_accepts(address):
     assert managed(ray_address=address).ray_address == address
 
 
-@pytest.mark.parametrize("address", ["", "10.0.0.1", "http://10.0.0.1:6379", "a b:1", 6379])
+@pytest.mark.parametrize("address", ["", "10.0.0.1", "http://10.0.0.1:6379", "a b:1", "head:6379\n", 6379])
 def test_bad_ray_address_is_a_config_error_naming_the_key(address):
     with pytest.raises(ConfigError, match=r"managed_workers\[0\]\.ray_address"):
         managed(ray_address=address)
