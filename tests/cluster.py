@@ -111,6 +111,10 @@ def vllm_worker(
     return NamespaceWorker(host, tmp_dir, model_path, model, *worker_args(gateway, worker_id, host, interval), *extra)
 
 
+#: a client's pause after a failed request (a gateway that is down refuses in microseconds)
+FAILURE_PAUSE_S = 0.01
+
+
 class Clients:
     """``n`` threads sending requests in a loop, each outcome recorded as (start, end, ok, error)
     with monotonic times. A stream counts as ok only when it ended with ``data: [DONE]``."""
@@ -139,6 +143,8 @@ class Clients:
                     ok, error = False, repr(exc)
                 with self._lock:
                     self.results.append((started, time.monotonic(), ok, error))
+                if not ok:
+                    self._stop.wait(FAILURE_PAUSE_S)  # a refused connection fails at once: do not spin
 
     def __enter__(self) -> Clients:
         for thread in self._threads:
@@ -168,3 +174,22 @@ def worst_wait(results: list[tuple[float, float, bool, str]], start: float, end:
     """The longest request that was in flight at any moment of [start, end]."""
     spans = [r[1] - r[0] for r in results if r[1] >= start and r[0] <= end]
     return max(spans, default=0.0)
+
+
+def cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return out
+
+
+def worker_processes(worker_id: str) -> list[int]:
+    """Pids of the worker processes running with ``--worker-id worker_id`` (any namespace)."""
+    return sorted(
+        pid for pid, cmd in cmdlines().items()
+        if "ichat.worker" in cmd and f"--worker-id {worker_id} " in cmd + " " and not cmd.startswith("ip netns exec")
+    )  # fmt: skip
