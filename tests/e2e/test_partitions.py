@@ -190,3 +190,32 @@ def test_no_request_waited_longer_than_the_connect_timeout():
     worst = {label: round(f["worst_wait_s"], 2) for label, f in FIGURES.items()}
     print("\nworst waits:", worst)
     assert all(w <= CONNECT_S for w in worst.values()), worst
+
+
+@pytest.mark.slow
+def test_long_partition_log_link_resumes_by_last_event_id(cluster):
+    """A partition longer than the log link's read timeout (45 s): the gateway gives the link
+    up, reconnects by itself once the host is back, resumes with Last-Event-ID, and the mirror
+    holds every line once. The worker is not evicted (120 s) and is routable again by itself."""
+    from ichat.gateway.logs import READ_TIMEOUT_S
+
+    gateway, host = cluster
+    resumed_before = gateway.log_text().count("log stream of worker far resumed after id")
+    broken_before = gateway.log_text().count("log stream of worker far (")
+    host.link_down()
+    cut_at = time.monotonic()
+    try:
+        wait_until(lambda: not gateway.routable("far"), EJECT_BOUND_S + 1, interval=0.05, what="far out of rotation")
+        wait_until(
+            lambda: gateway.log_text().count("log stream of worker far (") > broken_before,
+            READ_TIMEOUT_S + 30, interval=0.5, what="the log link given up",
+        )  # fmt: skip
+        given_up_s = time.monotonic() - cut_at
+    finally:
+        host.link_up()
+    restored_at, restored_wall = time.monotonic(), time.time()
+    wait_until(lambda: gateway.routable("far"), 30, interval=0.05, what="far back in rotation")
+    print(f"\nlong partition: log link given up after {given_up_s:.0f}s; back in rotation {time.monotonic() - restored_at:.2f}s after the link came up")
+    assert given_up_s >= READ_TIMEOUT_S - 1
+    assert_log_whole(gateway, "far", restored_wall)
+    assert gateway.log_text().count("log stream of worker far resumed after id") > resumed_before
