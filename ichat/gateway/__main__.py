@@ -64,7 +64,9 @@ class Drain:
 
     async def on_response_prepare(self, _request: web.Request, response: web.StreamResponse) -> None:
         if self.draining:
+            # This hook runs after aiohttp chose the Connection header, so say it here too.
             response.force_close()
+            response.headers["Connection"] = "close"
 
     async def idle(self, timeout: float) -> bool:
         """Start draining; True when every request in flight finished within ``timeout``."""

@@ -205,6 +205,7 @@ def test_sigterm_restart_finishes_in_flight_requests(cluster, tmp):
     # a request whose body was still on the wire at the signal is answered too (aiohttp alone
     # would drop the rest of its body, hold it for the shutdown timeout, then cut it off)
     assert result["half_answer"].startswith(b"HTTP/1.1 200 "), result["half_answer"][:300]
+    assert b"\r\nConnection: close\r\n" in result["half_answer"]  # the client takes its next request elsewhere
     # it waited for them (a slow stream takes 2 x SLOW_S), and no longer than that
     assert SLOW_S * 0.5 <= result["exit_s"] <= 2 * SLOW_S + STOP_WORKERS_S
     # a clean stop stops the gateway's own workers; the new gateway starts each exactly once
