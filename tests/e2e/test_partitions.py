@@ -3,8 +3,8 @@ by a veth pair) is cut off, by link down and by dropped packets, while clients k
 
 The gateway (auth on, listening on all addresses) has two stub workers for one model: ``near``
 on loopback and ``far`` on the namespace host, registering over the veth with the worker token.
-The stub engine is the point here: the drills are about the network and the control plane, and
-a stub answers at once, so every wait measured is the gateway's. Heartbeats every second;
+Stub engines, because the engine is beside the point: the drills are about the network and the
+control plane, and a stub answers at once, so every wait measured is the gateway's. Heartbeats every second;
 probes every 0.5 s with a 0.5 s timeout, two failures to eject.
 
 Measured per drill (printed, and bounded by the asserts): time to eject, the worst request
@@ -27,8 +27,9 @@ INTERVAL = 1.0
 PROBE_INTERVAL, PROBE_TIMEOUT, PROBE_FAILURES = 0.5, 0.5, 2
 CONNECT_S = 5.0  # the default routing.timeouts.connect_s
 TICK_S = 0.25  # ichat.gateway.control.TICK_S: how often the registry applies the clock
-#: a cut worker is out within the probes that fail after the cut (one may be in flight), plus a tick
-EJECT_BOUND_S = (PROBE_FAILURES + 1) * (PROBE_INTERVAL + PROBE_TIMEOUT) + TICK_S
+#: a cut worker is out once PROBE_FAILURES probes started after the cut have timed out (a probe
+#: cycle is the pause plus the timeout), at the next registry tick; plus 0.5 s for a loaded machine
+EJECT_BOUND_S = PROBE_FAILURES * (PROBE_INTERVAL + PROBE_TIMEOUT) + TICK_S + 0.5
 #: back once a beat and a probe get through: the beat in flight at the restore may still time out
 #: (the worker's beat timeout is one interval, at least 1 s), the next comes within an interval
 HEAL_BOUND_S = 2 * INTERVAL + PROBE_INTERVAL + TICK_S
