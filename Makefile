@@ -49,8 +49,11 @@ worker: setup models
 	@$(PY) -m ichat.worker --model "$(MODELS_DIR)/smollm2-135m-instruct" --served-model-name smollm2 \
 		--port 8001 --enforce-eager --max-model-len 2048
 
+# Also draws the gateway overhead results as docs/bench-gateway-overhead.png (matplotlib, for this chart only).
 bench: setup models
-	@$(PY) benchmarks/gateway_overhead.py
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	@$(PY) benchmarks/gateway_overhead.py --json benchmarks/results.json
+	@$(PY) benchmarks/chart.py benchmarks/results.json docs/bench-gateway-overhead.png
 	@$(MAKE) --no-print-directory bench-routing
 
 # Routing: policy cost per request and index memory; then hit rate / TTFT on two real replicas.

@@ -36,6 +36,7 @@ from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.app import build_app
 from ichat.gateway.auth import describe_access
 from ichat.gateway.connections import GatewayRunner
+from ichat.gateway.progress import show_progress
 from ichat.logs.sse import STREAMS_KEY
 
 log = logging.getLogger("ichat.gateway")
@@ -122,7 +123,8 @@ async def serve(config: GatewayConfig, host: str, port: int, config_path: str | 
         # Managed workers run on this machine: they reach us on loopback unless we bound one address.
         local = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         await app[CONTROL_KEY].start_managed(f"http://{local}:{actual_port}")
-        await stop.wait()
+        async with show_progress(app, f"http://{local}:{actual_port}"):  # ichat.gateway.progress
+            await stop.wait()
         log.info("iChat gateway stopping: no new connections; finishing %d request(s) in flight", drain.inflight)
         for running in list(runner.sites):
             await running.stop()
