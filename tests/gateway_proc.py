@@ -24,7 +24,7 @@ class GatewayProc(Proc):
     ) -> None:
         """``host`` is the listen address (``0.0.0.0`` to be reached from a test's network
         namespace); this machine's tests reach it at 127.0.0.1 either way. ``env`` is added to
-        the process's environment."""
+        the gateway's environment, which its managed workers inherit."""
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_dir / f"{name}.yaml"

@@ -243,10 +243,11 @@ class ControlPlane:
             routable = self._is_routable(record, now)
             if endpoint is not None and endpoint.routable != routable:
                 endpoint.routable = routable
-                status = self._registry.status(record, now)
-                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({status})")
-                if status == "unhealthy":  # hung or unreachable: wake the requests waiting on it
-                    self._table.declare_unhealthy(record.worker_id)
+                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({self._registry.status(record, now)})")
+            if endpoint is not None and self._registry.probes_failing(record):
+                # The gateway cannot get an answer from it (hung, or the path is cut): wake the
+                # requests waiting on it. Missed beats alone do not: the data path may be fine.
+                self._table.declare_unhealthy(record.worker_id)
         for worker in self._supervisor.workers.values():
             record = self._registry.get(worker.worker_id)
             was = worker.state

@@ -50,12 +50,21 @@ class FakeUpstream:
         self.hold = asyncio.Event()
         self.hold.set()
         self.peers: list[Any] = []
+        #: False: /health hangs, so the gateway's probes time out (a hung worker)
+        self.health_ok = True
         self.api_base = ""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=200 * 2**20)
         app.router.add_route("*", "/v1/{tail:.*}", self.handle)
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while ``health_ok``; otherwise it never answers, as a hung worker (SIGSTOP)."""
+        if not self.health_ok:
+            await asyncio.sleep(3600)
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1

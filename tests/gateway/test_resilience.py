@@ -44,49 +44,56 @@ def text_of(evs: list[Any], chat: bool = True) -> str:
     return text
 
 
-async def declare_unhealthy(client: Any, clock: FakeClock, hung: FakeUpstream, healthy: FakeUpstream) -> None:
-    """Let the hung worker miss its beats while the healthy one keeps beating; one tick."""
-    clock.now += 6.5
-    await client.post("/v1/workers/heartbeat", json=beat_for(healthy, worker_id="good"))
-    client.app[CONTROL_KEY].tick()
+#: probes every 0.1 s, 0.2 s timeout, two failures: a hung worker is out within about 0.6 s
+FAST_PROBES = {"probe_interval_s": 0.1, "probe_timeout_s": 0.2, "probe_failures": 2}
+
+
+async def hang(client: Any, fake: FakeUpstream, worker_id: str) -> float:
+    """Make ``fake`` stop answering its probes (as a SIGSTOPped worker); return when the gateway
+    has declared it unhealthy, with the time that took."""
+    started = time.monotonic()
+    fake.health_ok = False
+    await eventually(lambda: not client.app[TABLE_KEY].get(worker_id).routable, timeout=5)
+    return time.monotonic() - started
 
 
 # -- a hung worker ------------------------------------------------------------------------------
 
 
 async def test_request_waiting_on_a_hung_worker_is_resent_when_it_is_declared_unhealthy(
-    gateway: MakeGateway, fake_upstream: MakeUpstream, clock: FakeClock
+    gateway: MakeGateway, fake_upstream: MakeUpstream
 ):
     hung, good = await fake_upstream("hung", "hang"), await fake_upstream("good")
-    client = await gateway({"routing": {"timeouts": {"first_byte_s": 600}}})
+    client = await gateway({"routing": {"timeouts": {"first_byte_s": 600}}, "registry": FAST_PROBES})
     await client.post("/v1/workers/heartbeat", json=beat_for(hung, worker_id="hung"))
     pending = asyncio.ensure_future(client.post(CHAT, json={"model": "m", "messages": []}))
     await eventually(lambda: hung.hits == 1)
     await client.post("/v1/workers/heartbeat", json=beat_for(good, worker_id="good"))
     assert not pending.done()
 
-    woken = time.monotonic()
-    await declare_unhealthy(client, clock, hung, good)
+    started = time.monotonic()
+    await hang(client, hung, "hung")
     resp = await asyncio.wait_for(pending, 5)
 
     assert resp.status == 200 and (await resp.json())["upstream"] == "good"
-    assert time.monotonic() - woken < 2  # not first_byte_s (600 s)
+    assert time.monotonic() - started < 3  # not first_byte_s (600 s)
     await eventually(lambda: hung.aborted.is_set())  # its connection was closed: the worker sees it
     assert client.app[TABLE_KEY].get("hung").inflight == 0
 
 
 async def test_stream_that_started_on_a_hung_worker_ends_with_the_error_event(
-    gateway: MakeGateway, fake_upstream: MakeUpstream, clock: FakeClock
+    gateway: MakeGateway, fake_upstream: MakeUpstream
 ):
     hung, good = await fake_upstream("hung", "stream", chunks=3), await fake_upstream("good")
     hung.hold.clear()  # the first chunk goes out, then nothing
-    client = await gateway({})
+    client = await gateway({"registry": FAST_PROBES})
     await client.post("/v1/workers/heartbeat", json=beat_for(hung, worker_id="hung"))
     resp = await client.post(CHAT, json={"model": "m", "stream": True})
     first = await resp.content.readuntil(b"\n\n")
     assert b'"n":0' in first
+    await client.post("/v1/workers/heartbeat", json=beat_for(good, worker_id="good"))
 
-    await declare_unhealthy(client, clock, hung, good)
+    await hang(client, hung, "hung")
     rest = await asyncio.wait_for(resp.content.read(), 5)
 
     evs = events(rest)
@@ -94,17 +101,37 @@ async def test_stream_that_started_on_a_hung_worker_ends_with_the_error_event(
     assert "127.0.0.1" not in rest.decode()  # no address reaches the client
 
 
-async def test_other_workers_requests_are_left_alone(gateway: MakeGateway, fake_upstream: MakeUpstream, clock: FakeClock):
+async def test_other_workers_requests_are_left_alone(gateway: MakeGateway, fake_upstream: MakeUpstream):
     hung, slow = await fake_upstream("hung", "hang"), await fake_upstream("slow", "stream", chunks=3)
     slow.hold.clear()
-    client = await gateway({})
+    client = await gateway({"registry": FAST_PROBES})
     await client.post("/v1/workers/heartbeat", json=beat_for(slow, worker_id="good"))
     resp = await client.post(CHAT, json={"model": "m", "stream": True})
     await resp.content.readuntil(b"\n\n")
     await client.post("/v1/workers/heartbeat", json=beat_for(hung, worker_id="hung"))
 
-    await declare_unhealthy(client, clock, hung, slow)
+    await hang(client, hung, "hung")
     slow.hold.set()
+    rest = await asyncio.wait_for(resp.content.read(), 5)
+
+    assert [e for e in events(rest) if isinstance(e, dict) and "error" in e] == []
+    assert events(rest)[-1] == "[DONE]"
+
+
+async def test_missed_beats_alone_leave_its_requests_alone(gateway: MakeGateway, fake_upstream: MakeUpstream, clock: FakeClock):
+    """Beats lost but the data path fine (probes pass): out of rotation, yet the stream it is
+    serving goes on (only a worker the gateway cannot reach is declared unhealthy)."""
+    quiet = await fake_upstream("quiet", "stream", chunks=3)
+    quiet.hold.clear()
+    client = await gateway({"registry": FAST_PROBES})
+    await client.post("/v1/workers/heartbeat", json=beat_for(quiet, worker_id="quiet"))
+    resp = await client.post(CHAT, json={"model": "m", "stream": True})
+    await resp.content.readuntil(b"\n\n")
+
+    clock.now += 6.5  # three intervals without a beat
+    client.app[CONTROL_KEY].tick()
+    assert not client.app[TABLE_KEY].get("quiet").routable
+    quiet.hold.set()
     rest = await asyncio.wait_for(resp.content.read(), 5)
 
     assert [e for e in events(rest) if isinstance(e, dict) and "error" in e] == []
@@ -194,11 +221,11 @@ async def test_migration_attempts_are_capped(gateway: MakeGateway, fake_upstream
     assert STORY_TEXT.startswith(text_of(evs))
 
 
-async def test_hung_worker_stream_migrates_when_declared_unhealthy(
-    gateway: MakeGateway, fake_upstream: MakeUpstream, clock: FakeClock
-):
+async def test_hung_worker_stream_migrates_when_declared_unhealthy(gateway: MakeGateway, fake_upstream: MakeUpstream):
     hung = await fake_upstream("hung", "story")
-    client = await gateway(migrating())
+    config = migrating()
+    config["registry"] = FAST_PROBES
+    client = await gateway(config)
     await client.post("/v1/workers/heartbeat", json=beat_for(hung, worker_id="hung"))
     gate = asyncio.Event()
 
@@ -222,7 +249,8 @@ async def test_hung_worker_stream_migrates_when_declared_unhealthy(
     seen = b""
     while seen.count(b"\n\n") < 3:
         seen += await resp.content.readany()
-    await declare_unhealthy(client, clock, hung, good)
+    await client.post("/v1/workers/heartbeat", json=beat_for(good, worker_id="good"))
+    await hang(client, hung, "hung")
     rest = await asyncio.wait_for(resp.content.read(), 5)
     gate.set()
 
