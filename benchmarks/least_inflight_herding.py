@@ -39,10 +39,10 @@ ROUTERS = {
     "least_inflight_plain": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 0}},
     "least_inflight": {"policy": "least_inflight"},
 }
-#: --sweep: the fix's two settings around their defaults (weight 2, window 0.2 s)
+#: --sweep: the fix's two settings around their defaults (weight 4, window 0.2 s)
 SWEEP = {
-    "li_window_0.05": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 2, "prefill_window_s": 0.05}},
-    "li_weight_4": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 4, "prefill_window_s": 0.2}},
+    "li_window_0.05": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 4, "prefill_window_s": 0.05}},
+    "li_weight_2": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 2, "prefill_window_s": 0.2}},
     "li_weight_8_window_0.5": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 8, "prefill_window_s": 0.5}},
 }
 

@@ -125,9 +125,10 @@ def test_least_inflight_splits_a_burst_of_replacements():
     got = Counter(dispatch(policy, eps, 8, rng))
     assert 3 <= got["e1"] <= 5, got  # plain least-in-flight: {"e0": 8}
 
-    clock.now += 1.0  # past the window: prefills done, those requests decode like the rest
+    clock.now += 1.0  # past the window: prefills done, those requests count like the rest
+    assert [policy.load.of(ep, clock.now) for ep in eps] == [ep.inflight for ep in eps]
     eps[0].inflight, eps[1].inflight = 9, 15
-    assert dispatch(policy, eps, 3, rng) == ["e0", "e0", "e0"]
+    assert dispatch(policy, eps, 1, rng) == ["e0"]
 
 
 def test_least_inflight_without_the_prefill_weight_is_plain_counting():
