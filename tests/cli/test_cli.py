@@ -99,8 +99,9 @@ def gateway(tmp):
     pids = [w["pid"] for w in admin_workers(proc).values() if w.get("source") == "managed" and w.get("pid")]
     proc.stop()
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # each managed worker leads its own process group
+        with contextlib.suppress(OSError):
+            if b"ichat.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that worker, not a reused pid
+                os.killpg(pid, signal.SIGKILL)  # each managed worker leads its own process group
 
 
 @pytest.fixture
