@@ -8,8 +8,10 @@ One gateway (admin key and client key set) serves the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -92,7 +94,14 @@ def gateway(tmp):
     env = cli_env(proc.base_url)
     wait_until(lambda: '"routable": true' in ichat("workers", "--json", env=env).stdout, 30, interval=0.2, what="stub ready")
     yield proc
+    # the gateway stops its managed workers on SIGTERM; one it had to be SIGKILLed for would
+    # outlive it (by design: a restarted gateway adopts it), so end those by their pids
+    pids = [w["pid"] for w in admin_workers(proc).values() if w.get("source") == "managed" and w.get("pid")]
     proc.stop()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"ichat.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that worker, not a reused pid
+                os.killpg(pid, signal.SIGKILL)  # each managed worker leads its own process group
 
 
 @pytest.fixture
