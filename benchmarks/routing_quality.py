@@ -92,7 +92,7 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
     for i in range(replicas):
         workers.append(
             WorkerProc(
-                tmp, smollm2_path(), MODEL,
+                tmp, args.model_path or smollm2_path(), MODEL,
                 "--worker-id", f"replica-{i}", "--gateway-address", gateway.base_url,
                 "--heartbeat-interval", str(heartbeat_s), "--no-log-streaming",
                 "--max-model-len", str(max_model_len), *kv_flags, "--enable-prefix-caching", *extra,
@@ -299,7 +299,7 @@ async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    model = smollm2_path()
+    model = args.model_path or smollm2_path()
     bench_args = parser.parse_args(
         [
             "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
@@ -436,6 +436,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--model-path", help="SmolLM2 checkpoint directory (default: the one `make models` builds)")
     parser.add_argument("--kv-tokens", type=int, default=4096, help="KV cache per replica, in tokens (0: engine default)")
     parser.add_argument(
         "--worker-args", default="", help="more engine flags for every worker, e.g. on a GPU: "

@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ichat.errors import IChatError
+
 DEFAULT_GATEWAY = "http://127.0.0.1:4000"
 #: seconds to open a connection to the gateway
 CONNECT_TIMEOUT_S = 5.0
@@ -26,12 +28,15 @@ CONNECT_TIMEOUT_S = 5.0
 ADMIN_TIMEOUT_S = 120.0
 
 
-class CliError(Exception):
-    """A failure to report as one line; ``exit_code`` is the process's exit status."""
+class CliError(IChatError):
+    """A failure to report as one line; ``exit_code`` is the process's exit status. In the one
+    error tree (ichat.errors) like every iChat error; it never reaches an HTTP answer."""
+
+    type = "cli_error"
+    code = "cli_error"
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
 
 

@@ -101,6 +101,11 @@ def status_text(status: Mapping[str, Any], views: Sequence[Mapping[str, Any]], g
     lines = [
         f"gateway  {gateway_url}  up {_duration(gateway.get('uptime_s'))}, {gateway.get('reloads', 0)} reload(s)",
         f"workers  {workers.get('total', 0)}: {states}",
+    ]
+    gpus = status.get("gpu_ids_in_use") or {}
+    if gpus:
+        lines.append("gpus     " + "; ".join(f"{w}: {','.join(map(str, ids))}" for w, ids in sorted(gpus.items())))
+    lines += [
         "",
         models_table(status, views),
         "",

@@ -8,7 +8,9 @@
     open     /health, /metrics, anything else         none                         everyone
 
 A class with a credential configured needs it from every peer, loopback included (401 when it
-is missing or wrong). A class without one answers loopback peers and refuses everyone else with
+is missing or wrong); one exception: the console's static page under ``/ui`` (no data in it; a
+browser cannot send a bearer header when it loads a page, and every call the page makes carries
+the key). A class without one answers loopback peers and refuses everyone else with
 403, naming the setting to add: nothing is open to the network by accident, and ``make run``
 works on one machine with nothing configured. A client key is never an admin key unless
 ``auth.allow_client_keys_for_admin`` says so.

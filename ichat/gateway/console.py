@@ -13,13 +13,13 @@ from the network through the console.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from importlib import resources
 
 from aiohttp import web
 
 from ichat.errors import NotFound, PermissionDenied
+from ichat.gateway.auth import is_loopback  # one definition of "a loopback peer"
 
 #: the files the console is made of, with their content types; nothing else is served
 FILES = {
@@ -35,19 +35,6 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-def is_loopback(remote: str | None) -> bool:
-    """Pure: whether a peer address is this machine's loopback (IPv4, IPv6, v4-mapped)."""
-    if not remote:
-        return False
-    try:
-        address = ipaddress.ip_address(remote.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def setup_console(app: web.Application, admin_open: Callable[[], bool]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ichat.cli.views import engine_flags, model_rows, worker_rows, workers_table
+from ichat.cli.views import engine_flags, model_rows, status_text, worker_rows, workers_table
 
 
 def test_engine_flags_follow_vllm_command_line_conventions():
@@ -41,3 +41,16 @@ def test_model_rows_name_the_workers_or_a_static_route():
     status = {"models": {"b": {"replicas": 1, "routable": 0}, "a": {"replicas": 2, "routable": 2}}}
     views = [{"worker_id": "w1", "model_name": "a"}, {"worker_id": "w2", "model_name": "a"}]
     assert model_rows(status, views) == [["a", "2", "2", "w1,w2"], ["b", "1", "0", "(static route)"]]
+
+
+def test_status_text_names_the_gpus_given_to_managed_workers():
+    status = {
+        "gateway": {"uptime_s": 3725.0, "reloads": 2}, "workers": {"total": 1, "by_state": {"ready": 1}},
+        "models": {}, "gpu_ids_in_use": {"managed-m-8001": [0, 1]},
+    }  # fmt: skip
+    lines = status_text(status, [], "http://gw:4000").splitlines()
+    assert lines[:3] == [
+        "gateway  http://gw:4000  up 1h02m, 2 reload(s)",
+        "workers  1: 1 ready",
+        "gpus     managed-m-8001: 0,1",
+    ]

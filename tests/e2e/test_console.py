@@ -30,7 +30,7 @@ UI_TIMEOUT_S = 30
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 def browser_missing() -> str | None:
@@ -181,6 +181,11 @@ def test_launched_worker_appears_and_a_kill_shows_as_a_state_change(gateway, bro
     screenshot(browser, e2e_tmp, "crashed", for_docs=True)
     until(browser, lambda d: worker_row_state(d, worker_id) == "ready" and d.find_element(
         By.CSS_SELECTOR, f'#workers tbody tr[data-worker-id="{worker_id}"] td.restarts').text == "1", "the restart", 60)
+
+    # the gateway's own capture of the managed worker's output (kept across its restart)
+    Select(browser.find_element(By.ID, "logs-source")).select_by_value("console")
+    until(browser, lambda d: d.find_element(By.ID, "log-lines").get_attribute("data-source") == "console"
+          and "stub engine line" in d.find_element(By.ID, "log-lines").text, "the console log")
 
     # stop from the page, behind its confirmation
     browser.find_element(By.CSS_SELECTOR, f'#workers tbody tr[data-worker-id="{worker_id}"] button[data-action=stop]').click()

@@ -280,7 +280,7 @@
 
   async function followOnce(worker, signal) {
     const headers = authHeaders(logs.lastId !== null ? { "Last-Event-ID": String(logs.lastId) } : {});
-    const query = logs.lastId !== null ? "" : "?tail=200";
+    const query = `?source=${encodeURIComponent($("#logs-source").value)}` + (logs.lastId !== null ? "" : "&tail=200");
     const resp = await fetch(`/v1/logs/stream/${encodeURIComponent(worker)}${query}`, { headers, signal, cache: "no-store" });
     if (!resp.ok) {
       let message = resp.statusText;
@@ -319,6 +319,7 @@
     const controller = new AbortController();
     Object.assign(logs, { worker, abort: controller, lastId: null, epoch: null });
     $("#log-lines").replaceChildren();
+    $("#log-lines").dataset.source = $("#logs-source").value;
     $("#logs-worker").textContent = worker;
     for (const tr of document.querySelectorAll("#workers tbody tr")) tr.classList.toggle("selected", tr.dataset.workerId === worker);
     let delay = 250;
@@ -416,6 +417,7 @@
     $("#launch-form").addEventListener("submit", onLaunch);
     $("#workers tbody").addEventListener("click", onWorkerButton);
     $("#reload").addEventListener("click", onReload);
+    $("#logs-source").addEventListener("change", () => { if (logs.worker) followLogs(logs.worker); });
     refreshWorkers();
     refreshMetrics();
     setInterval(refreshWorkers, WORKERS_EVERY_MS);
