@@ -3,7 +3,10 @@
 One command, from the repository root of a CUDA machine with network access:
 
     python -m venv .venv-sglang && .venv-sglang/bin/pip install "sglang[all]==0.5.16" -e . \\
-        && .venv-sglang/bin/python scripts/check_sglang_gpu.py
+        && .venv-sglang/bin/python scripts/check_sglang_gpu.py --enable-fp32-lm-head
+
+(``--enable-fp32-lm-head``: SmolLM2-135M has a near-tie for the first answer token that SGLang's
+bf16 LM head resolves to "L'Étoile, ..." on a fresh prompt; see README, SGLang backend.)
 
 (On a machine without network, such as the lent GPU machine, ``scripts/sglang_gpu/`` carries
 SGLang there in pieces and ``scripts/sglang_gpu/run.sh install check`` runs this script.)
