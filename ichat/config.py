@@ -164,7 +164,7 @@ class LeastInflightSettings:
     #: a request dispatched less than prefill_window_s ago counts 1 + this much (0 = plain count)
     prefill_weight: float = attrs.field(default=2.0, validator=_non_negative)
     #: about the engines' time to first token: how long a new request counts as in prefill
-    prefill_window_s: float = attrs.field(default=0.05, validator=_positive)
+    prefill_window_s: float = attrs.field(default=0.2, validator=_positive)
 
 
 @attrs.frozen
