@@ -81,13 +81,11 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
 
     def engine_died(reason: str) -> None:
         # A dead rank (a crashed process, a lost Ray node) leaves nothing to serve with: report
-        # it (the stop path below sends one more beat, state "error"), then exit non-zero so a
-        # supervisor starts a fresh engine.
+        # it (the stop path below sends the gateway a beat with state "error" at once), then exit
+        # non-zero so a supervisor starts a fresh engine.
         nonlocal exit_code
         state.phase, state.error = ERROR, reason
         log.error("%s; stopping so that the worker can be restarted", reason)
-        if agent is not None:
-            agent.poke()
         exit_code = 1
         stop.set()
 
@@ -101,9 +99,12 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
         state.phase = DRAINING
     log.info("iChat worker %s stopping (%s)", options.worker_id, "still loading" if loading else state.phase)
     if agent is not None:
-        agent_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await agent_task
+        # Cancel until it is done: on Python 3.11, asyncio.wait_for returns instead of raising
+        # when a cancel meets a wake-up (a poke) in the same turn of the loop, and the beat loop
+        # would carry on, holding the worker up forever.
+        while not agent_task.done():
+            agent_task.cancel()
+            await asyncio.wait({agent_task}, timeout=1.0)
         await agent.announce_draining()
     await runner.cleanup()  # stops accepting, lets in-flight requests finish within drain_timeout
     if agent is not None:
