@@ -56,6 +56,7 @@ DATA_PLANE_KEY = web.AppKey("ichat_data_plane", DataPlane)
 PROXY_KEY = web.AppKey("ichat_proxy", Proxy)
 CLIENT_KEY = web.AppKey("ichat_client_session", aiohttp.ClientSession)
 
+
 def build_app(
     config: GatewayConfig,
     *,
