@@ -8,7 +8,9 @@ control plane, and a stub answers at once, so every wait measured is the gateway
 probes every 0.5 s with a 0.5 s timeout, two failures to eject.
 
 Measured per drill (printed, and bounded by the asserts): time to eject, the worst request
-wait while cut, failed requests, time to heal after the link is restored.
+wait while cut (no longer than the connect timeout: a request waiting on the cut worker is woken
+when the probes declare it unhealthy, and re-sent), failed requests, time to heal after the link
+is restored.
 """
 
 from __future__ import annotations
@@ -95,10 +97,6 @@ def assert_log_whole(gateway: ClusterGateway, worker_id: str, since: float) -> N
     assert not [l for l in lines if l["stream"] == "gateway"], "the gateway marked a gap or a restart"
 
 
-#: figures of every drill, for the README table and the last test's check
-FIGURES: dict[str, dict[str, float]] = {}
-
-
 def drill(gateway: ClusterGateway, cut, restore, *, label: str, hold_s: float = 3.0) -> dict[str, float]:
     """Cut with clients running, hold, restore; measure, check the log, return the figures."""
     with Clients(gateway.base_url, "stub", CLIENT_THREADS, timeout=60) as clients:
@@ -124,7 +122,6 @@ def drill(gateway: ClusterGateway, cut, restore, *, label: str, hold_s: float = 
         "requests": len(window),
         "heal_s": heal_s,
     }
-    FIGURES[label] = figures
     print(f"\n{label}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     slow = sorted((r for r in window if r[1] - r[0] > CONNECT_S), key=lambda r: r[0])
     if slow:
@@ -139,6 +136,7 @@ def test_link_down(cluster):
     gateway, host = cluster
     figures = drill(gateway, host.link_down, host.link_up, label="link down")
     assert figures["eject_s"] <= EJECT_BOUND_S
+    assert figures["worst_wait_s"] <= CONNECT_S  # requests waiting on it are woken and re-sent
     assert figures["failed"] == 0
     assert figures["heal_s"] <= HEAL_BOUND_S
 
@@ -147,6 +145,7 @@ def test_dropped_packets(cluster):
     gateway, host = cluster
     figures = drill(gateway, lambda: host.drop_packets("both"), host.restore_packets, label="packets dropped")
     assert figures["eject_s"] <= EJECT_BOUND_S
+    assert figures["worst_wait_s"] <= CONNECT_S
     assert figures["failed"] == 0
     assert figures["heal_s"] <= HEAL_BOUND_S
 
@@ -176,18 +175,10 @@ def test_data_path_cut_beats_fine(cluster):
     far_port = int(gateway.workers()["far"]["address"].rsplit(":", 1)[1])
     figures = drill(gateway, lambda: host.drop_packets("out", dport=far_port), host.restore_packets, label="data path cut")
     assert figures["eject_s"] <= EJECT_BOUND_S
+    assert figures["worst_wait_s"] <= CONNECT_S
     assert figures["failed"] == 0
     assert figures["heal_s"] <= PROBE_INTERVAL + PROBE_TIMEOUT + TICK_S + 0.5
     assert gateway.workers()["far"]["heartbeat_age_s"] <= 2 * INTERVAL
-
-
-def test_no_request_waited_longer_than_the_connect_timeout():
-    """A request already sent to the cut worker is woken when the probes declare it unhealthy
-    and re-sent to the other replica, so none waits for the link (or first_byte_s)."""
-    assert FIGURES, "run with the drills above"
-    worst = {label: round(f["worst_wait_s"], 2) for label, f in FIGURES.items()}
-    print("\nworst waits:", worst)
-    assert all(w <= CONNECT_S for w in worst.values()), worst
 
 
 @pytest.mark.slow
