@@ -148,6 +148,7 @@ class ControlPlane:
                 source=record.source,
                 reported_load=external_load(record.reported_load(), current.inflight if current else 0),
                 routable=self._routable(record, now),
+                kinds=record.kinds,
             )
         )
 
@@ -358,6 +359,7 @@ class ControlPlane:
                 "instance_id": record.instance_id,
                 "pid": record.pid,
                 "error": record.error,
+                "kinds": list(record.kinds),
                 "restarts": 0,
                 "registered": True,
             }

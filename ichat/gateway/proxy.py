@@ -279,8 +279,15 @@ class Proxy:
 
     def _unknown_model_message(self, model: str) -> str:
         names = self.table.models()
-        shown = ", ".join(names[:MAX_MODELS_IN_MESSAGE]) + (", ..." if len(names) > MAX_MODELS_IN_MESSAGE else "")
+        shown = ", ".join(self._with_kinds(n) for n in names[:MAX_MODELS_IN_MESSAGE]) + (
+            ", ..." if len(names) > MAX_MODELS_IN_MESSAGE else ""
+        )
         return f"The model '{model}' does not exist. Available models: {shown or '(none)'}."
+
+    def _with_kinds(self, name: str) -> str:
+        """``name (kind, kind)`` when its workers report kinds, else the bare name."""
+        kinds = self.table.kinds(name)
+        return f"{name} ({', '.join(kinds)})" if kinds else name
 
     def _target(self, api_base: str) -> _Target:
         target = self._targets.get(api_base)
@@ -473,6 +480,8 @@ class Proxy:
             "owned_by": "ichat",
             "backends": sorted({ep.backend for ep in routable}),
             "replicas": len(routable),
+            # what its workers serve (routes, plus input kinds); [] when none reports it
+            "kinds": sorted({k for ep in routable for k in ep.kinds}),
         }
 
 

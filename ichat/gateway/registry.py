@@ -51,6 +51,8 @@ class WorkerRecord:
     gpus: list[dict[str, Any]] = attrs.Factory(list)
     pid: int | None = None
     error: str | None = None
+    #: what the worker's model serves (routes, plus input kinds); empty when not reported
+    kinds: tuple[str, ...] = ()
     probe_failures: int = 0
     beats: int = 0
 
@@ -98,6 +100,23 @@ class Heartbeat:
     gpus: tuple[Mapping[str, Any], ...] = ()
     pid: int | None = None
     error: str | None = None
+    kinds: tuple[str, ...] = ()
+
+
+#: bounds on the optional ``kinds`` list of a heartbeat (names like "audio_transcriptions")
+MAX_KINDS = 32
+MAX_KIND_LENGTH = 64
+
+
+def _kinds(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_KINDS:
+        raise InvalidRequest(f"heartbeat field 'kinds' must be a list of at most {MAX_KINDS} strings", param="kinds")
+    for kind in value:
+        if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LENGTH:
+            raise InvalidRequest(f"heartbeat 'kinds' entries must be strings of 1..{MAX_KIND_LENGTH} characters", param="kinds")
+    return tuple(sorted(set(value)))
 
 
 def parse_heartbeat(body: Any) -> Heartbeat:
@@ -144,6 +163,7 @@ def parse_heartbeat(body: Any) -> Heartbeat:
         gpus=tuple(field("gpus", list, required=False, default=[])),
         pid=field("pid", int, required=False),
         error=field("error", str, required=False),
+        kinds=_kinds(body.get("kinds")),
     )
 
 
@@ -206,6 +226,7 @@ class WorkerRegistry:
         record.gpus = [dict(g) for g in beat.gpus]
         record.pid = beat.pid
         record.error = beat.error
+        record.kinds = beat.kinds
         record.beats += 1
         return Upserted(record, event)
 
