@@ -4,6 +4,7 @@
 set -euo pipefail
 packages=(
   nftables   # tests/netns.py: drop a test host's packets (this kernel has no netem)
+  espeak-ng  # tests/e2e/test_kinds.py: speech synthesized offline for the transcription test
 )
 missing=()
 for p in "${packages[@]}"; do

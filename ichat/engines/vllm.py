@@ -236,10 +236,10 @@ class VLLMEngine:
         tasks = await self._client.get_supported_tasks()
         await self._api.init_app_state(self._client, self._state, args, tasks)
         if "transcription" in tasks and _generation_config(self._client).get("is_multilingual") is False:
-            # Whisper *.en models know one language and were never trained to name it: vLLM's
-            # language detection (run when a request gives no language) fails on them with an
-            # assertion, and they cannot translate. Such a model transcribes English, so say so.
             self._english_only_speech = "en"
+            serving = getattr(self._state, "openai_serving_transcription", None)
+            if serving is not None:
+                serving.model_cls = english_only_whisper(serving.model_cls)
         if not getattr(args, "disable_log_stats", False):
             self._stats_task = asyncio.create_task(self._log_stats_forever(), name="vllm-log-stats")
         log.info("vLLM %s engine ready: %s (tasks: %s)", self._api.version, self.spec.model_path, ", ".join(tasks))
@@ -450,6 +450,35 @@ class VLLMEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await self._stack.aclose()
+
+
+def english_only_whisper(model_cls: Any) -> Any:
+    """vLLM's Whisper class, adapted to an English-only checkpoint (``*.en``).
+
+    vLLM (0.32) builds every Whisper prompt as ``<|startoftranscript|><|LANG|><|TASK|>
+    <|notimestamps|>`` and detects the language first when a request names none. The ``*.en``
+    models were trained with ``<|startoftranscript|><|notimestamps|>`` alone and never name a
+    language: given the language and task tokens, tiny.en's greedy first token is
+    ``<|endoftext|>`` (an empty transcript), and detection ends in an AssertionError (a 500).
+    So for these models the prompt drops the two tokens and detection is off. Only the serving
+    object's copy of the class is replaced; the model the engine runs is vLLM's own.
+    """
+
+    class EnglishOnlyWhisper(model_cls):  # type: ignore[misc, valid-type]
+        supports_explicit_language_detection = False
+
+        @classmethod
+        def get_generation_prompt(cls, stt_params: Any) -> Any:
+            stt_params.language = stt_params.language or "en"
+            prompt = super().get_generation_prompt(stt_params)
+            decoder = prompt["decoder_prompt"]
+            text = decoder["prompt"].replace(f"<|{stt_params.language}|><|{stt_params.task_type}|>", "", 1)
+            # the *.en vocabulary names the previous-text marker <|startofprev|>
+            decoder["prompt"] = text.replace("<|prev|>", "<|startofprev|>", 1)
+            return prompt
+
+    EnglishOnlyWhisper.__name__ = EnglishOnlyWhisper.__qualname__ = f"EnglishOnly{model_cls.__name__}"
+    return EnglishOnlyWhisper
 
 
 def _generation_config(client: Any) -> dict[str, Any]:

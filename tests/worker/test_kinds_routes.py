@@ -219,3 +219,36 @@ def test_engine_kinds_falls_back_to_routes_for_engines_without_kinds():
 
     assert engine_kinds(RoutesOnly()) == {CHAT}
     assert engine_kinds(RecordingFakeEngine({CHAT, IMAGE_INPUT})) == {CHAT, IMAGE_INPUT}
+
+
+class RecordedWhisperPrompt:
+    """Stands in for vLLM 0.32's Whisper class: its prompt format, copied from
+    ``WhisperForConditionalGeneration.get_generation_prompt`` (the e2e test runs the real one)."""
+
+    supports_explicit_language_detection = True
+
+    @classmethod
+    def get_generation_prompt(cls, p):
+        if p.language is None:
+            raise ValueError("Language must be specified when creating the Whisper prompt")
+        text = (f"<|prev|>{p.request_prompt}" if p.request_prompt else "") + (
+            f"<|startoftranscript|><|{p.language}|><|{p.task_type}|><|notimestamps|>"
+        )
+        return {"encoder_prompt": {"prompt": ""}, "decoder_prompt": {"prompt": text}}
+
+
+def test_english_only_whisper_prompt_has_no_language_or_task_token():
+    import types
+
+    from ichat.engines.vllm import english_only_whisper
+
+    adapted = english_only_whisper(RecordedWhisperPrompt)
+    params = types.SimpleNamespace(language=None, task_type="transcribe", request_prompt="")
+    assert adapted.get_generation_prompt(params)["decoder_prompt"]["prompt"] == "<|startoftranscript|><|notimestamps|>"
+    params = types.SimpleNamespace(language="en", task_type="transcribe", request_prompt="earlier words")
+    assert (
+        adapted.get_generation_prompt(params)["decoder_prompt"]["prompt"]
+        == "<|startofprev|>earlier words<|startoftranscript|><|notimestamps|>"
+    )
+    assert adapted.supports_explicit_language_detection is False
+    assert RecordedWhisperPrompt.supports_explicit_language_detection is True  # the original is untouched
