@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: system setup models sglang-args-venv test test-fast run worker bench clean
+.PHONY: system setup models sglang-args-venv test test-fast run worker bench bench-routing clean
 
 setup:
 	@scripts/setup_venv.sh
@@ -43,8 +43,14 @@ worker: setup models
 	@$(PY) -m ichat.worker --model "$(MODELS_DIR)/smollm2-135m-instruct" --served-model-name smollm2 \
 		--port 8001 --enforce-eager --max-model-len 2048
 
-bench: setup
+bench: setup models
 	@$(PY) benchmarks/gateway_overhead.py
+	@$(MAKE) --no-print-directory bench-routing
+
+# Routing: policy cost per request and index memory; then hit rate / TTFT on two real replicas.
+bench-routing: setup models
+	@$(PY) benchmarks/routing_policy_cost.py
+	@$(PY) benchmarks/routing_quality.py
 
 clean:
 	rm -rf $(VENV) .venv-sglang-args .pytest_cache

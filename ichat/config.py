@@ -33,6 +33,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from ichat.errors import ConfigError
+from ichat.protocol import MANAGED_PREFIX
 from ichat.routing.policy import available_policies
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,55 @@ class CircuitBreakerSettings:
     cooldown_s: float = attrs.field(default=10.0, validator=_non_negative)
 
 
+_fraction = _check(lambda v: 0 <= v <= 1, "a number from 0 to 1")
+_at_least_one = _check(lambda v: v >= 1, "a number >= 1")
+
+
+@attrs.frozen
+class LeastInflightSettings:
+    """How the policies count load (least_inflight, and cache_aware's and session_affinity's
+    least-loaded choices; see ichat.routing.least_inflight). Hot-reloadable."""
+
+    #: a request dispatched less than prefill_window_s ago counts 1 + this much (0 = plain count)
+    prefill_weight: float = attrs.field(default=2.0, validator=_non_negative)
+    #: about the engines' time to first token: how long a new request counts as in prefill
+    prefill_window_s: float = attrs.field(default=0.05, validator=_positive)
+
+
+@attrs.frozen
+class CacheAwareSettings:
+    """The ``cache_aware`` policy (see ichat.routing.cache_aware). Every key is hot-reloadable."""
+
+    #: prompt block size in characters (token-id prompts: a quarter as many ids)
+    block_chars: int = attrs.field(default=256, validator=_check(lambda v: v >= 16, "an integer >= 16"))
+    #: blocks hashed per request at most: the prompt beyond block_chars x this is not compared
+    max_prompt_blocks: int = attrs.field(default=256, validator=_at_least_one)
+    #: index entries (blocks) kept per endpoint, least recently used evicted first
+    max_blocks_per_endpoint: int = attrs.field(default=16384, validator=_at_least_one)
+    #: an entry not used for this long no longer counts (engines evict too)
+    ttl_s: float = attrs.field(default=600.0, validator=_positive)
+    #: matched share of the prompt from which affinity applies; below it, the least loaded
+    match_threshold: float = attrs.field(default=0.3, validator=_fraction)
+    #: the imbalance gate: affinity is overridden (least loaded instead) when the matched
+    #: endpoint's load exceeds the least loaded one's by more than balance_abs requests AND
+    #: by more than balance_rel times
+    balance_abs: float = attrs.field(default=2.0, validator=_non_negative)
+    balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
+
+
+@attrs.frozen
+class SessionAffinitySettings:
+    """The ``session_affinity`` policy (see ichat.routing.session)."""
+
+    #: request header carrying the session key ("" = none)
+    header: str = "X-Session-Id"
+    #: top-level body field used as the session key when the header is absent ("" = none)
+    body_field: str = "user"
+    #: bounded load: an endpoint takes a session only while its load is at most this factor
+    #: times the pool's average (plus one); otherwise the session's next endpoint
+    load_factor: float = attrs.field(default=1.25, validator=_at_least_one)
+
+
 @attrs.frozen
 class RoutingSettings:
     #: default policy name (entry points group ``ichat.routing``)
@@ -157,6 +207,9 @@ class RoutingSettings:
     #: extra attempts on other endpoints of the pool, before any byte reached the client
     retries: int = attrs.field(default=2, validator=_check(lambda v: v >= 0, "an integer >= 0"))
     circuit_breaker: CircuitBreakerSettings = attrs.Factory(CircuitBreakerSettings)
+    least_inflight: LeastInflightSettings = attrs.Factory(LeastInflightSettings)
+    cache_aware: CacheAwareSettings = attrs.Factory(CacheAwareSettings)
+    session_affinity: SessionAffinitySettings = attrs.Factory(SessionAffinitySettings)
 
     @property
     def max_body_bytes(self) -> int:
@@ -165,26 +218,54 @@ class RoutingSettings:
 
 @attrs.frozen
 class AuthSettings:
-    """Keys as written, plus the ``*_env`` names they may also come from.
+    """Credentials of the three route classes (see ichat.gateway.auth and README "Security").
 
-    After :meth:`GatewayConfig.from_dict` the plain fields hold the resolved values (file keys
-    and environment keys together); the ``*_env`` names are kept for display.
+    Keys as written, plus the ``*_env`` names they may also come from. After
+    :meth:`GatewayConfig.from_dict` the plain fields hold the resolved values (file keys and
+    environment keys together); the ``*_env`` names are kept for display. A class with no
+    credential is served to loopback peers only.
     """
 
-    #: client keys for /v1/* data-plane routes; empty (and no env) means auth is off
+    #: client keys for the data plane (/v1/* except admin, logs and workers)
     api_keys: tuple[str, ...] = attrs.field(default=(), validator=_keys)
     #: environment variable holding comma-separated client keys
     api_keys_env: str | None = None
-    #: token workers present when they register (used by the registry)
+    #: token workers on other hosts present on /v1/workers/* (heartbeat, deregister)
     worker_token: str | None = None
     worker_token_env: str | None = None
-    #: key for /v1/admin/* (used by the admin API)
+    #: after a reload changes worker_token, the previous token is still accepted this long,
+    #: so that workers started with it can be restarted with the new one (0: at once)
+    worker_token_grace_s: float = attrs.field(default=600.0, validator=_non_negative)
+    #: key for /v1/admin/*, /v1/logs/* and /ui
     admin_key: str | None = None
     admin_key_env: str | None = None
+    #: explicit opt-in: client keys are admin keys too (the old fallback; off by default)
+    allow_client_keys_for_admin: bool = False
 
     @property
     def enabled(self) -> bool:
+        """Client keys are configured (the data plane checks them)."""
         return bool(self.api_keys)
+
+    def admin_keys(self) -> tuple[str, ...]:
+        keys = (self.admin_key,) if self.admin_key else ()
+        if self.allow_client_keys_for_admin:
+            keys += tuple(k for k in self.api_keys if k not in keys)
+        return keys
+
+
+@attrs.frozen
+class LimitsSettings:
+    """Bounds that keep hostile or broken peers from exhausting the gateway (README "Security")."""
+
+    #: client connections open at once; beyond it a new connection gets 503 and is closed
+    max_connections: int = attrs.field(default=4096, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+    #: seconds a client has to send a request's headers (also an idle keep-alive connection's life)
+    header_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    #: registered workers at most; a heartbeat of a new worker beyond it gets 503
+    max_workers: int = attrs.field(default=1024, validator=_check(lambda v: v >= 1, "an integer >= 1"))
+    #: workers that left whose logs stay readable; the oldest are forgotten beyond it
+    dead_worker_logs: int = attrs.field(default=32, validator=_check(lambda v: v >= 0, "an integer >= 0"))
 
 
 @attrs.frozen
@@ -284,7 +365,7 @@ class ManagedWorkerSpec:
     @property
     def worker_id(self) -> str:
         """Stable across restarts of the gateway and of the worker: one entry, one id."""
-        return "managed-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_name) + f"-{self.port}"
+        return MANAGED_PREFIX + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_name) + f"-{self.port}"
 
     def to_worker_argv(self) -> list[str]:
         argv = [
@@ -324,6 +405,7 @@ class GatewayConfig:
     logs: LogsSettings = attrs.Factory(LogsSettings)
     registry: RegistrySettings = attrs.Factory(RegistrySettings)
     supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
+    limits: LimitsSettings = attrs.Factory(LimitsSettings)
     #: where this config came from, for messages; not a key of the file
     source: str = attrs.field(default="<dict>", kw_only=True)
 

@@ -1,10 +1,11 @@
 """One error hierarchy for iChat, translated to OpenAI-shaped bodies at the HTTP edge.
 
-    IChatError                      500 internal_error
-    ├── ConfigError                 startup only: names the file, the key path and what was expected
+    IChatError                      500 internal_error (the root: every iChat error is one)
+    ├── ConfigError                 startup/reload: names the file, the key path and what was expected
     ├── EngineUnavailable           startup only: unknown backend, engine not installed
     ├── InvalidRequest              400 invalid_request_error
     ├── AuthenticationFailed        401 invalid_api_key
+    ├── PermissionDenied            403 permission_error (names the setting that would allow it)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge             413 request_too_large
@@ -12,10 +13,14 @@
     ├── RateLimited                 429 rate_limit_exceeded
     ├── ServiceUnavailable          503 service_unavailable (carries Retry-After)
     ├── UpstreamError               502 upstream_error
-    └── UpstreamTimeout             504 upstream_timeout
+    ├── UpstreamTimeout             504 upstream_timeout
+    ├── GatewayRefused              worker side: the gateway answered a beat with an error status
+    ├── LogStreamBroken             gateway side: a worker's log stream ended or answered an error
+    └── InvalidTransition           a bug: the supervisor tried a move its state machine lacks
 
-Foreign exceptions (aiohttp, engine, config parser) are translated once, where they
-are caught, with ``raise ... from exc``; handlers only ever see these.
+The data plane's own failures (ichat.gateway.upstream) hang below this root too. Foreign
+exceptions (aiohttp, engine, config parser) are translated once, where they are caught, with
+``raise ... from exc``; handlers only ever see these (ichat.httperrors turns them into answers).
 """
 
 from __future__ import annotations
@@ -61,6 +66,15 @@ class AuthenticationFailed(IChatError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(IChatError):
+    """The caller may not use this route: e.g. a route class with no credential configured is
+    served to loopback peers only. ``param`` names the config setting that would open it."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(IChatError):
@@ -114,6 +128,26 @@ class UpstreamTimeout(IChatError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+class GatewayRefused(IChatError):
+    """The gateway answered a worker's heartbeat or deregistration with an error status."""
+
+    type = "gateway_refused"
+    code = "gateway_refused"
+
+
+class LogStreamBroken(IChatError):
+    """A worker's log stream cannot be read (an HTTP error, or it ended)."""
+
+    type = "log_stream_error"
+    code = "log_stream_broken"
+
+
+class InvalidTransition(IChatError):
+    """A bug: the supervisor tried a transition its state machine does not have."""
+
+    code = "invalid_transition"
 
 
 def error_body(message: str, type_: str, code: str | int | None, param: str | None = None) -> dict[str, Any]:

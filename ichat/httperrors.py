@@ -1,7 +1,7 @@
 """Turning iChat errors into HTTP answers: the one place both the gateway and the worker use.
 
 Every error leaves as an OpenAI-shaped body (``ichat.errors``); aiohttp's own HTTP exceptions
-(no route, wrong method, body too large) are translated the same way; anything unexpected is
+(no route, wrong method, body too large, a body that cannot be read) are translated the same way; anything unexpected is
 logged with its traceback and answered with a 500 that shows none of it.
 """
 
@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ichat.errors import IChatError, InvalidRequest, NotFound, PayloadTooLarge, error_body, to_json_bytes
 
@@ -52,6 +54,13 @@ def error_middleware(component: str, log: logging.Logger) -> Callable[[web.Reque
             body = orjson.dumps(error_body(exc.reason, "invalid_request_error", exc.status))
             headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
             return web.Response(body=body, status=exc.status, content_type="application/json", headers=headers)
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            # a body aiohttp could not read (broken chunking, an undecodable Content-Encoding):
+            # the client's fault, translated here once like every other foreign error
+            reason = " ".join(str(getattr(exc, "message", None) or exc).split())[:200]
+            response = error_response(InvalidRequest(f"request body could not be read: {reason}"))
+            response.force_close()
+            return response
         except ConnectionResetError:
             raise  # the client went away: nobody to answer
         except Exception:

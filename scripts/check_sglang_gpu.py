@@ -2,13 +2,17 @@
 
 One command, from the repository root of a CUDA machine with network access:
 
-    python -m venv .venv-sglang && .venv-sglang/bin/pip install "sglang[all]==0.5.23" -e . \\
+    python -m venv .venv-sglang && .venv-sglang/bin/pip install "sglang[all]==0.5.16" -e . \\
         && .venv-sglang/bin/python scripts/check_sglang_gpu.py
+
+(On a machine without network, such as the lent GPU machine, ``scripts/sglang_gpu/`` carries
+SGLang there in pieces and ``scripts/sglang_gpu/run.sh install check`` runs this script.)
 
 It starts ``python -m ichat.worker --backend sglang`` with vLLM-named flags (so the translation
 table is exercised too), waits for ``/health``, then checks a greedy chat answer ("Paris"), a
 stream ending in ``[DONE]``, a completion, ``/v1/models``, SGLang's metrics in ``/metrics`` and an
 OpenAI-shaped 400, and stops the worker with SIGTERM. Prints one line per check; exit 0 when all pass.
+Flags this script does not know go to the worker (``--attention-backend triton``).
 ``--url`` checks a worker that is already running instead.
 """
 

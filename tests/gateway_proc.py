@@ -18,13 +18,17 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 
 class GatewayProc(Proc):
-    def __init__(self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway") -> None:
+    def __init__(
+        self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway", host: str = "127.0.0.1"
+    ) -> None:
+        """``host`` is the listen address (``0.0.0.0`` to be reached from a test's network
+        namespace); this machine's tests reach it at 127.0.0.1 either way."""
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_dir / f"{name}.yaml"
         config = dict(config)
         config.setdefault("server_settings", {})
-        config["server_settings"] = {**config["server_settings"], "host": "127.0.0.1", "port": self.port}
+        config["server_settings"] = {**config["server_settings"], "host": host, "port": self.port}
         config.setdefault("state_dir", str(tmp_dir / f"{name}-state"))
         self.config = config
         write_yaml(self.config_path, config)

@@ -75,7 +75,11 @@ class Proc:
         full_env.setdefault("HF_HUB_OFFLINE", "1")
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         full_env["PYTHONUNBUFFERED"] = "1"
-        full_env.update(env or {})
+        for name, value in (env or {}).items():
+            if value is None:
+                full_env.pop(name, None)  # None unsets (VLLM_CPU_KVCACHE_SPACE overrides KV sizing flags)
+            else:
+                full_env[name] = value
         self._log = open(log_path, "ab")
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True

@@ -18,6 +18,11 @@ installs its own SIGTERM handler there (which would replace the worker's gracefu
 engine lives on its own thread and loop (:class:`EngineLoop`): it is built there, every serving
 call and every stream step runs there, and the worker's loop only awaits the results.
 
+Versions. SGLang 0.5.16 (the last release on torch 2.11, the GPU image's) through 0.5.23 are
+supported; they keep the entry points above in the same places except the ``--config`` file
+merger, and :data:`API_LOCATIONS` is the one place that knows where each lives (newest first).
+The translation tests run against both versions' real parsers.
+
 ``sglang`` is imported only in ``parse_args`` and ``start``: without it installed the plugin still
 lists, and ``--backend sglang`` fails at startup with :data:`INSTALL_HINT`. The request path takes
 its serving objects as arguments, so tests drive it with a recorded fake instead of a GPU.
@@ -29,8 +34,11 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -67,16 +75,62 @@ PLUGIN_FLAGS = ("--enable-metrics",)
 T = TypeVar("T")
 
 
-def _import_server_args() -> Any:
-    """``sglang.srt.server_args``, or EngineUnavailable saying how to install SGLang."""
+#: The SGLang releases this plugin was checked against (oldest, newest); others get a warning.
+SUPPORTED_VERSIONS = ("0.5.16", "0.5.23")
+
+#: Where each SGLang entry point lives, newest SGLang first; the first importable one wins.
+API_LOCATIONS: dict[str, list[tuple[str, str]]] = {
+    "ServerArgs": [("sglang.srt.server_args", "ServerArgs")],  # 0.5.16, 0.5.23
+    "ConfigArgumentMerger": [
+        ("sglang.srt.utils.server_args_config_parser", "ConfigArgumentMerger"),  # 0.5.23
+        ("sglang.srt.server_args_config_parser", "ConfigArgumentMerger"),  # 0.5.16
+    ],
+    "Engine": [("sglang.srt.entrypoints.engine", "Engine")],  # 0.5.16, 0.5.23 (also `sglang.Engine`)
+    "ChatCompletionRequest": [("sglang.srt.entrypoints.openai.protocol", "ChatCompletionRequest")],
+    "CompletionRequest": [("sglang.srt.entrypoints.openai.protocol", "CompletionRequest")],
+    "EmbeddingRequest": [("sglang.srt.entrypoints.openai.protocol", "EmbeddingRequest")],
+    "OpenAIServingChat": [("sglang.srt.entrypoints.openai.serving_chat", "OpenAIServingChat")],
+    "OpenAIServingCompletion": [("sglang.srt.entrypoints.openai.serving_completions", "OpenAIServingCompletion")],
+    "OpenAIServingEmbedding": [("sglang.srt.entrypoints.openai.serving_embedding", "OpenAIServingEmbedding")],
+}
+
+
+def sglang_api(name: str) -> Any:
+    """The entry point ``name`` of the installed SGLang (see :data:`API_LOCATIONS`)."""
+    errors = []
+    for module_name, attr in API_LOCATIONS[name]:
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"{module_name}.{attr}: {exc}")
+    raise ImportError(f"SGLang {sglang_version()} has no {name} where this plugin looks: " + "; ".join(errors))
+
+
+def sglang_version() -> str:
     try:
-        return importlib.import_module("sglang.srt.server_args")
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "sglang":
-            raise EngineUnavailable(INSTALL_HINT) from exc
-        raise EngineUnavailable(f"SGLang is installed but cannot be imported ({exc}); reinstall it") from exc
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(importlib.import_module("sglang.version"), "__version__", "unknown")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _import_server_args() -> Any:
+    """SGLang's ``ServerArgs``, or EngineUnavailable saying how to install SGLang."""
+    if importlib.util.find_spec("sglang") is None:
+        raise EngineUnavailable(INSTALL_HINT)
+    try:
+        server_args = sglang_api("ServerArgs")
     except ImportError as exc:
         raise EngineUnavailable(f"SGLang is installed but cannot be imported ({exc}); reinstall it") from exc
+    version = sglang_version()
+    low, high = SUPPORTED_VERSIONS
+    with contextlib.suppress(ValueError):
+        if not _version_key(low) <= _version_key(version) <= _version_key(high):
+            log.warning("SGLang %s is outside the versions this plugin was checked with (%s to %s)", version, low, high)
+    return server_args
 
 
 @attrs.frozen
@@ -95,7 +149,7 @@ class SGLangEngineFactory:
         return INSTALL_HINT
 
     def build_parser(self) -> tuple[argparse.ArgumentParser, Any]:
-        ServerArgs = _import_server_args().ServerArgs
+        ServerArgs = _import_server_args()
         parser = argparse.ArgumentParser(
             prog="python -m ichat.worker --backend sglang",
             usage="%(prog)s --model PATH [engine flags...]  (all of them: --help)",
@@ -115,9 +169,7 @@ class SGLangEngineFactory:
             parser.error(f"SGLang serves a model under one name; got {len(names)}: {' '.join(names)}")
         sglang_argv = [*PLUGIN_FLAGS, *translation.argv, *(["--served-model-name", names[0]] if names else [])]
         if "--config" in sglang_argv:  # SGLang's YAML config file, merged as `sglang serve` does
-            from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
-
-            sglang_argv = ConfigArgumentMerger(parser).merge_config_with_args(sglang_argv)
+            sglang_argv = sglang_api("ConfigArgumentMerger")(parser).merge_config_with_args(sglang_argv)
         ns = parser.parse_args(sglang_argv)
         if not ns.model_path:
             parser.error("--model is required (a local model directory or a model id)")
@@ -154,26 +206,22 @@ class SGLangEngineFactory:
 
 def _build_engine(server_args: Any) -> Any:
     """Runs on the engine thread, its loop current: the tokenizer manager binds to that loop."""
-    import sglang
-
-    return sglang.Engine(server_args=server_args)
+    return sglang_api("Engine")(server_args=server_args)
 
 
 def _build_serving(engine: Any) -> dict[str, Any]:
-    from sglang.srt.entrypoints.openai import protocol
-    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
-    from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
-    from sglang.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-
     tm, templates = engine.tokenizer_manager, engine.template_manager
     if tm.is_generation:
-        servings = {CHAT: OpenAIServingChat(tm, templates), COMPLETIONS: OpenAIServingCompletion(tm, templates)}
+        servings = {
+            CHAT: sglang_api("OpenAIServingChat")(tm, templates),
+            COMPLETIONS: sglang_api("OpenAIServingCompletion")(tm, templates),
+        }
     else:
-        servings = {EMBEDDINGS: OpenAIServingEmbedding(tm, templates)}
+        servings = {EMBEDDINGS: sglang_api("OpenAIServingEmbedding")(tm, templates)}
     request_models = {
-        CHAT: protocol.ChatCompletionRequest,
-        COMPLETIONS: protocol.CompletionRequest,
-        EMBEDDINGS: protocol.EmbeddingRequest,
+        CHAT: sglang_api("ChatCompletionRequest"),
+        COMPLETIONS: sglang_api("CompletionRequest"),
+        EMBEDDINGS: sglang_api("EmbeddingRequest"),
     }
     return {"servings": servings, "request_models": request_models}
 

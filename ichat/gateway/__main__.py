@@ -27,6 +27,8 @@ from ichat.config import GatewayConfig, load_config
 from ichat.errors import ConfigError
 from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.app import build_app
+from ichat.gateway.auth import describe_access
+from ichat.gateway.connections import GatewayRunner
 
 log = logging.getLogger("ichat.gateway")
 
@@ -52,8 +54,10 @@ async def serve(config: GatewayConfig, host: str, port: int, config_path: str | 
 
     app = build_app(config, config_path=config_path)
     debug = config.server_settings.log_level == "debug"
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
+        max_connections=config.limits.max_connections,
+        header_timeout_s=config.limits.header_timeout_s,
         handler_cancellation=True,  # see the module docstring
         access_log=log if debug else None,  # an access line per request costs more than routing it
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
@@ -65,13 +69,8 @@ async def serve(config: GatewayConfig, host: str, port: int, config_path: str | 
         bound = [a for a in runner.addresses if isinstance(a, tuple)]
         actual_port = bound[0][1] if bound else port
         log.info("iChat gateway listening on http://%s:%d", host, actual_port)
-        auth = config.auth
-        log.info(
-            "client API keys: %s; admin key: %s; worker token: %s",
-            "on" if auth.api_keys else "off (open)",
-            "on" if auth.admin_key else ("client keys" if auth.api_keys else "off (open)"),
-            "on" if auth.worker_token else "off (any worker may register)",
-        )
+        # One block, so that an operator sees at a glance what this address exposes.
+        log.info("%s", "\n".join(describe_access(config.auth, host)))
         # Managed workers run on this machine: they reach us on loopback unless we bound one address.
         local = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         await app[CONTROL_KEY].start_managed(f"http://{local}:{actual_port}")

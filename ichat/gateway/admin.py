@@ -1,7 +1,7 @@
 """Control-plane HTTP routes: worker registration and the admin API.
 
-    POST   /v1/workers/heartbeat          upsert (first beat registers)      worker token
-    POST   /v1/workers/deregister         a worker leaving cleanly            worker token
+    POST   /v1/workers/heartbeat          upsert (first beat registers)      worker token / child secret
+    POST   /v1/workers/deregister         a worker leaving (its instance id)  worker token / child secret
     GET    /v1/admin/workers              every worker, managed or registered admin key
     GET    /v1/admin/workers/{id}         one worker, with its last log lines
     POST   /v1/admin/workers/launch       start a managed worker (persisted)
@@ -9,6 +9,11 @@
     GET    /v1/admin/cluster/status       uptime, counts by state, replicas per model, GPUs
     GET    /v1/admin/cluster/version
     POST   /v1/admin/config/reload        re-read the config file and reconcile
+
+Handlers only translate HTTP to the control plane's verbs and back; launch, delete and reload
+finish even if the client leaves (the control plane shields them). Who may call which route is
+decided before a handler runs (ichat.gateway.auth); the principal it found is at
+``request[PRINCIPAL]``.
 """
 
 from __future__ import annotations
@@ -21,19 +26,31 @@ from aiohttp import web
 
 from ichat import __version__
 from ichat.engines import installed_engines
-from ichat.errors import ConfigError, InvalidRequest, NotFound, UnprocessableEntity
+from ichat.errors import ConfigError, InvalidRequest, PayloadTooLarge, UnprocessableEntity
+from ichat.gateway.auth import PRINCIPAL
 from ichat.gateway.control import ControlPlane
-from ichat.gateway.registry import parse_heartbeat
+from ichat.protocol import MAX_HEARTBEAT_BYTES, parse_heartbeat
 
 CONTROL_KEY = web.AppKey("ichat_control", ControlPlane)
+#: admin bodies are small specs; nothing here needs the data plane's large limit
+MAX_ADMIN_BODY_BYTES = 256 * 1024
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def _body(request: web.Request) -> Any:
-    raw = await request.read()
+async def _body(request: web.Request, limit: int = MAX_ADMIN_BODY_BYTES) -> Any:
+    """The JSON body, read up to ``limit`` bytes (413 beyond it)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    chunks, size = [], 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError as exc:
@@ -42,71 +59,38 @@ async def _body(request: web.Request) -> Any:
 
 async def heartbeat(request: web.Request) -> web.Response:
     control = request.app[CONTROL_KEY]
-    record = control.handle_beat(parse_heartbeat(await _body(request)))
-    return _json({"status": "ok", "worker_id": record.worker_id, "routable": control.table.get(record.worker_id).routable})
+    beat = parse_heartbeat(await _body(request, MAX_HEARTBEAT_BYTES))
+    record = control.beat(beat, request[PRINCIPAL])
+    return _json({"status": "ok", "worker_id": record.worker_id, "routable": control.routable(record.worker_id)})
 
 
 async def deregister(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await _body(request, MAX_HEARTBEAT_BYTES)
     if not isinstance(body, dict) or not isinstance(body.get("worker_id"), str):
         raise InvalidRequest("deregister needs a 'worker_id'", param="worker_id")
-    record = request.app[CONTROL_KEY].deregister(body["worker_id"], body.get("instance_id"))
-    return _json({"status": "ok", "removed": record is not None})
+    if not isinstance(body.get("instance_id"), str) or not body["instance_id"]:
+        raise InvalidRequest("deregister needs the 'instance_id' of the registered instance", param="instance_id")
+    removed = request.app[CONTROL_KEY].deregister(body["worker_id"], body["instance_id"], request[PRINCIPAL])
+    return _json({"status": "ok", "removed": removed})
 
 
 async def list_workers(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": request.app[CONTROL_KEY].worker_views()})
 
 
-def _find(control: ControlPlane, worker_id: str) -> dict[str, Any]:
-    for view in control.worker_views():
-        if view["worker_id"] == worker_id:
-            return view
-    raise NotFound(f"no worker {worker_id!r}", code="worker_not_found")
-
-
 async def get_worker(request: web.Request) -> web.Response:
-    control = request.app[CONTROL_KEY]
-    view = _find(control, request.match_info["worker_id"])
-    managed = control.supervisor.workers.get(view["worker_id"])
-    if managed is not None:
-        view["spec"] = managed.snapshot()["spec"]
-        view["last_lines"] = list(managed.last_lines)[-50:]
-    return _json(view)
+    return _json(request.app[CONTROL_KEY].worker_view(request.match_info["worker_id"]))
 
 
 async def launch_worker(request: web.Request) -> web.Response:
-    control = request.app[CONTROL_KEY]
     body = await _body(request)
     if not isinstance(body, dict):
         raise UnprocessableEntity("launch needs a JSON object with the fields of a managed_workers entry")
-    worker = await control.launch(body)
-    return _json({"worker_id": worker.worker_id, "state": worker.state, "launched": True}, status=201)
+    return _json(await request.app[CONTROL_KEY].launch(body), status=201)
 
 
 async def delete_worker(request: web.Request) -> web.Response:
-    control = request.app[CONTROL_KEY]
-    worker_id = request.match_info["worker_id"]
-    if worker_id in control.supervisor.workers:
-        worker = await control.remove_managed(worker_id)
-        note = "stopped and removed"
-        if worker is not None and not worker.launched:
-            note += "; it is in the config file, so a reload starts it again unless you remove it there"
-        return _json({"worker_id": worker_id, "removed": True, "managed": True, "message": note})
-    if control.registry.get(worker_id) is not None:
-        control.deregister(worker_id)
-        if control.collector is not None:
-            control.collector.forget(worker_id)
-        return _json(
-            {
-                "worker_id": worker_id,
-                "removed": True,
-                "managed": False,
-                "message": "deregistered; this worker was not started by the gateway, so it is still running "
-                "and registers again with its next heartbeat unless you stop it",
-            }
-        )
-    raise NotFound(f"no worker {worker_id!r}", code="worker_not_found")
+    return _json(await request.app[CONTROL_KEY].remove(request.match_info["worker_id"]))
 
 
 async def cluster_status(request: web.Request) -> web.Response:

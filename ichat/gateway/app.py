@@ -8,7 +8,7 @@ the client session and the clock through them. Nothing lives at module level.
     TABLE_KEY   RoutingTable        model -> endpoints; static routes are put in here
     RNG_KEY     random.Random       the policies' random source (seedable in tests)
     CLOCK_KEY   () -> float         monotonic seconds (injectable in tests)
-    AUTH_KEY    Authenticator       bearer-key rules by path prefix (``protect`` more prefixes)
+    AUTH_KEY    Authenticator       who may call which route class (ichat.gateway.auth)
     PROXY_KEY   Proxy               the data-plane handlers
     CLIENT_KEY  aiohttp.ClientSession  the one upstream session (exists while the app runs)
     CONTROL_KEY ControlPlane        registry, managed workers, reloads (ichat.gateway.control)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -30,10 +31,12 @@ from ichat.config import GatewayConfig, RouteSpec
 from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
+from ichat.gateway.childkeys import ChildKeys
 from ichat.gateway.control import ControlPlane
 from ichat.gateway.logs import setup_logs
 from ichat.gateway.metrics import METRICS_KEY, GatewayMetrics, metrics_handler
 from ichat.gateway.proxy import Proxy
+from ichat.gateway.statefile import default_state_dir
 from ichat.httperrors import error_middleware
 from ichat.routing.table import Endpoint, RoutingTable
 
@@ -79,32 +82,35 @@ def build_app(
         routing.per_model,
         failures_to_eject=routing.circuit_breaker.failures,
         cooldown_s=routing.circuit_breaker.cooldown_s,
+        policy_settings=routing,
     )
     for endpoint in static_endpoints(config.routes):
         table.upsert(endpoint)
     rng = rng if rng is not None else random.Random()
 
-    auth = Authenticator()
-    protect(auth, config)
+    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+    child_keys = ChildKeys(state_dir)
+    auth = Authenticator(config.auth, clock=clock, child_verifier=child_keys.verify)
     metrics = GatewayMetrics(table)
+    metrics.add_source(table.policy_samples)  # cache_aware's hits, matched ratio, index size
     proxy = Proxy(table, routing, rng=rng, clock=clock, forward_client_auth=not config.auth.enabled, metrics=metrics)
 
     def apply_settings(new: GatewayConfig) -> None:
         """Data-plane settings of a reloaded config (managed workers are the control plane's)."""
         r = new.routing
-        table.configure(r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s)
+        table.configure(
+            r.policy, r.per_model, failures_to_eject=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s,
+            policy_settings=r,
+        )
         for endpoint in [e for e in table.endpoints() if e.source == "route"]:
             table.remove(endpoint.id)
         for endpoint in static_endpoints(new.routes):
             table.upsert(endpoint)
-        protect(auth, new)
         proxy.retries = r.retries
         proxy.apply_timeouts(r.timeouts)
         proxy.forward_client_auth = not new.auth.enabled
         if (new.server_settings.host, new.server_settings.port) != (config.server_settings.host, config.server_settings.port):
             log.warning("server_settings.host/port changes need a gateway restart")
-
-    control = ControlPlane(config, table, clock=clock, config_path=config_path, apply_settings=apply_settings)
 
     app = web.Application(
         # aiohttp refuses larger bodies itself; the proxy also checks Content-Length up front.
@@ -118,10 +124,14 @@ def build_app(
     app[AUTH_KEY] = auth
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics
+    app.cleanup_ctx.append(client_session)
+    collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
+    control = ControlPlane(
+        config, table, clock=clock, config_path=config_path, apply_settings=apply_settings,
+        authenticator=auth, collector=collector, child_keys=child_keys, session=lambda: app.get(CLIENT_KEY),
+    )  # fmt: skip
     app[CONTROL_KEY] = control
     metrics.add_source(control.metric_samples)  # workers by state, heartbeat age, restarts
-    app.cleanup_ctx.append(client_session)
-    control.collector = setup_logs(app, config, CLIENT_KEY)  # after the session it uses
     app.cleanup_ctx.append(control_plane)
 
     router = app.router
@@ -134,17 +144,6 @@ def build_app(
     router.add_get("/metrics", metrics_handler)
     add_admin_routes(app)
     return app
-
-
-def protect(auth: Authenticator, config: GatewayConfig) -> None:
-    """Who may call what. Admin routes take the admin key, or the client keys when no admin key
-    is set; worker registration takes the cluster token; both open when nothing is set."""
-    keys = config.auth
-    auth.protect("/v1/", keys.api_keys)
-    admin_keys = [keys.admin_key] if keys.admin_key else list(keys.api_keys)
-    auth.protect("/v1/admin/", admin_keys)
-    auth.protect("/v1/logs/", admin_keys)
-    auth.protect("/v1/workers/", [keys.worker_token] if keys.worker_token else [])
 
 
 async def control_plane(app: web.Application) -> AsyncIterator[None]:

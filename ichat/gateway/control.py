@@ -1,47 +1,84 @@
-"""The control plane's shell: heartbeats in, routing table out, managed workers, reloads.
+"""The control plane: a façade with verbs over the registry, the supervisor and the log collector.
 
-    heartbeat ─► WorkerRegistry (pure) ─► RoutingTable endpoint (routable or not) ─► proxy
-                      ▲    │
-      /health probes ─┘    └─► Supervisor.observe (managed: ready / unhealthy / hung)
-    config file / admin ─► apply(): routes, policies, keys, managed workers reconciled
+    heartbeat ─► beat() ─► admit (pure) ─► WorkerRegistry (pure) ─► routing table endpoint ─► proxy
+                                  ▲    │
+                  /health probes ─┘    └─► Supervisor (managed: ready / unhealthy / hung)
+    admin API / config file ─► launch(), remove(), reload(): managed workers reconciled
+                                                             (plan_reconcile, pure)
+
+Admin handlers and the metrics source call the verbs below, never the collaborators behind
+them. The collaborators (routing table, authenticator, log collector, the data plane's
+``apply_settings``, the children's key, the state file) are given to the constructor.
+
+Admin operations that change what runs (launch, remove, reload) run as tasks the control plane
+owns, shielded from the HTTP handler: a client that disconnects halfway never leaves a worker
+removed but not stopped, or a state file that says otherwise. They are serialised by one lock.
 
 Background loops (tasks owned by the app, cancelled on shutdown): a fast tick that applies the
 clock to the registry (missed beats take a worker out of rotation within a tick), a /health
-prober, and a config-file watcher. Workers launched through the admin API are persisted in
-``<state_dir>/launched-workers.json`` (atomic replace) and relaunched, or adopted, on restart.
+prober (one probe per worker at a time, each bounded by ``probe_timeout_s``, so a worker that
+black-holes connections costs at most one socket), and a config-file watcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import attrs
-import orjson
 
 from ichat.config import GatewayConfig, ManagedWorkerSpec, load_config, structure_managed_worker
-from ichat.errors import ConfigError, UnprocessableEntity
-from ichat.gateway.registry import Heartbeat, WorkerRecord, WorkerRegistry, external_load
+from ichat.errors import ConfigError, NotFound, ServiceUnavailable, UnprocessableEntity
+from ichat.gateway.auth import Authenticator, Principal
+from ichat.gateway.childkeys import ChildKeys
+from ichat.gateway.registry import WorkerRecord, WorkerRegistry, admit_address, admit_claim, external_load
+from ichat.gateway.statefile import LaunchedStore, default_state_dir
 from ichat.gateway.supervisor import RUNNING_STATES, ManagedWorker, Supervisor
+from ichat.gateway.views import cluster_status, metric_samples, worker_views
+from ichat.protocol import READY, Heartbeat
 from ichat.routing.table import Endpoint, RoutingTable
 
 log = logging.getLogger("ichat.gateway.control")
 
+T = TypeVar("T")
+
 TICK_S = 0.25
 CONFIG_POLL_S = 1.0
-STATE_FILE = "launched-workers.json"
 
 
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "ichat"
+@attrs.frozen
+class ReconcilePlan:
+    """What a reload does to the managed workers of the config file (launched ones are kept)."""
+
+    stop: tuple[str, ...]
+    restart: tuple[str, ...]
+    start: tuple[str, ...]
+
+
+def plan_reconcile(current: dict[str, ManagedWorkerSpec], desired: dict[str, ManagedWorkerSpec]) -> ReconcilePlan:
+    """Pure: ids to stop (gone from the config), restart (spec changed) and start (new)."""
+    return ReconcilePlan(
+        stop=tuple(wid for wid in current if wid not in desired),
+        restart=tuple(wid for wid, spec in desired.items() if wid in current and current[wid] != spec),
+        start=tuple(wid for wid in desired if wid not in current),
+    )
+
+
+def is_routable(registry: WorkerRegistry, record: WorkerRecord, managed: ManagedWorker | None, now: float) -> bool:
+    """Pure: the registry says ready, and for a managed worker the process that beats is the one
+    running now. A managed process that exited is out at once, before its missed beats tell; the
+    record of a process that is gone does not vouch for its replacement."""
+    if not registry.is_routable(record, now):
+        return False
+    if managed is None:
+        return True
+    return managed.state in RUNNING_STATES and (record.pid is None or record.pid == managed.pid)
 
 
 class ControlPlane:
@@ -53,29 +90,42 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         config_path: str | None = None,
         apply_settings: Callable[[GatewayConfig], None] | None = None,
+        authenticator: Authenticator | None = None,
+        collector: Any = None,
+        child_keys: ChildKeys | None = None,
+        session: Callable[[], aiohttp.ClientSession | None] | None = None,
     ) -> None:
         self.config = config
-        self.table = table
-        self.clock = clock
+        self._table = table
+        self._clock = clock
         self.config_path = config_path
-        #: applies routes/policies/keys of a new config to the data plane (set by build_app)
-        self.apply_settings = apply_settings
-        self.registry = WorkerRegistry(config.registry)
-        self.supervisor = Supervisor(self._make_worker)
-        self.collector: Any = None  # the log collector, when the app has one
+        #: applies routes/policies/timeouts of a new config to the data plane
+        self._apply_settings = apply_settings
+        self._auth = authenticator
+        #: the log collector (ichat.gateway.logs.LogCollector), when the app has one
+        self._collector = collector
+        state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+        self._child_keys = child_keys if child_keys is not None else ChildKeys(state_dir)
+        self._store = LaunchedStore(state_dir)
+        self._registry = WorkerRegistry(config.registry, max_workers=config.limits.max_workers)
+        self._supervisor = Supervisor(self._make_worker)
         self.gateway_url: str | None = None
         self.started_at = time.time()
-        self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.reloads = 0
-        self._session: aiohttp.ClientSession | None = None
+        #: the process's one client session (the app's), for probes and adoption checks; a control
+        #: plane built without one (tests) opens its own in start()
+        self._shared_session = session
+        self._own_session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._ops: set[asyncio.Task[Any]] = set()
         self._config_stamp: tuple[int, int] | None = None
-        self._reload_lock = asyncio.Lock()
+        self._ops_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.registry.probe_timeout_s))
+        if self._shared_session is None:
+            self._own_session = aiohttp.ClientSession()
         self._tasks = [
             asyncio.create_task(self._tick_forever(), name="registry-tick"),
             asyncio.create_task(self._probe_forever(), name="health-probe"),
@@ -89,57 +139,85 @@ class ControlPlane:
         self.gateway_url = gateway_url
         for spec in self.config.managed_workers:
             self._add_managed(spec, launched=False)
-        for spec in self._load_launched():
-            if spec.worker_id not in self.supervisor.workers:
+        loaded = self._store.load()
+        if loaded.specs:
+            log.info("relaunching %d worker(s) recorded in %s", len(loaded.specs), self._store.path)
+        for spec in loaded.specs:
+            if spec.worker_id not in self._supervisor.workers:
                 self._add_managed(spec, launched=True)
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # admin operations in flight finish first: they must not leave half a state
+        if self._ops:
+            await asyncio.gather(*self._ops, return_exceptions=True)
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
-        await self.supervisor.stop_all()
-        if self._session is not None:
-            await self._session.close()
+            except asyncio.CancelledError:
+                pass
+        await self._supervisor.stop_all()
+        if self._own_session is not None:
+            await self._own_session.close()
 
-    # -- registry ----------------------------------------------------------------------------
+    def _session(self) -> aiohttp.ClientSession | None:
+        return self._shared_session() if self._shared_session is not None else self._own_session
 
-    def handle_beat(self, beat: Heartbeat) -> WorkerRecord:
-        upserted = self.registry.upsert(beat, self.clock())
+    async def _finish(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run an admin operation to its end even if the caller is cancelled (its client left)."""
+        task = asyncio.create_task(coro)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        return await asyncio.shield(task)
+
+    # -- the registry's verbs ----------------------------------------------------------------
+
+    def beat(self, beat: Heartbeat, principal: Principal) -> WorkerRecord:
+        """A heartbeat from ``principal``: admitted (or PermissionDenied), then upserted."""
+        static_ids = {e.id for e in self._table.endpoints() if e.source == "route"}
+        admit_claim(beat.worker_id, principal, self._registry.managed_ids, static_ids)
+        if principal.kind != "child":
+            admit_address(beat, principal)
+        now = self._clock()
+        upserted = self._registry.upsert(beat, now)
         record = upserted.record
         if upserted.event != "updated":
             log.info("worker %s %s: model %s at %s (%s)", record.worker_id, upserted.event, record.model_name, record.base_url, record.reported_state)
-        self._sync(record, self.clock())
-        if self.collector is not None and record.log_streaming:
-            self.collector.watch(record.worker_id, record.base_url)
+        self._sync(record, now)
+        if self._collector is not None and record.log_streaming:
+            self._collector.watch(record.worker_id, record.base_url)
         return record
 
-    def deregister(self, worker_id: str, instance_id: str | None = None) -> WorkerRecord | None:
-        record = self.registry.get(worker_id)
-        if record is None or (instance_id and record.instance_id != instance_id):
-            return None  # an older instance saying goodbye must not remove its successor
-        self.registry.remove(worker_id)
-        self.table.remove(worker_id)
-        if self.collector is not None:
-            # its logs stay readable (a stopped worker is when they matter) until it is deleted
-            self.collector.unwatch(worker_id)
-        log.info("worker %s deregistered", worker_id)
-        return record
+    def routable(self, worker_id: str) -> bool:
+        endpoint = self._table.get(worker_id)
+        return bool(endpoint and endpoint.routable)
 
-    def _routable(self, record: WorkerRecord, now: float) -> bool:
-        if not self.registry.is_routable(record, now):
+    def deregister(self, worker_id: str, instance_id: str, principal: Principal) -> bool:
+        """A worker leaving cleanly. Only the instance that is registered may remove itself:
+        an older instance saying goodbye must not remove its successor."""
+        static_ids = {e.id for e in self._table.endpoints() if e.source == "route"}
+        admit_claim(worker_id, principal, self._registry.managed_ids, static_ids)
+        record = self._registry.get(worker_id)
+        if record is None or record.instance_id != instance_id:
             return False
-        managed = self.supervisor.workers.get(record.worker_id)
-        if managed is None:
-            return True
-        # a managed process that exited is out at once, before its missed beats would tell;
-        # and the record of a process that is gone does not vouch for its replacement
-        return managed.state in RUNNING_STATES and (record.pid is None or record.pid == managed.pid)
+        self._forget_registration(worker_id, keep_logs=True)
+        log.info("worker %s deregistered", worker_id)
+        return True
+
+    def _forget_registration(self, worker_id: str, *, keep_logs: bool) -> None:
+        self._registry.remove(worker_id)
+        self._table.remove(worker_id)
+        if self._collector is not None:
+            if keep_logs:
+                # its logs stay readable (a stopped worker is when they matter), within a bound
+                self._collector.unwatch(worker_id)
+            else:
+                self._collector.forget(worker_id)
 
     def _sync(self, record: WorkerRecord, now: float) -> None:
-        current = self.table.get(record.worker_id)
-        self.table.upsert(
+        current = self._table.get(record.worker_id)
+        self._table.upsert(
             Endpoint(
                 id=record.worker_id,
                 model_name=record.model_name,
@@ -147,34 +225,34 @@ class ControlPlane:
                 backend=record.backend,
                 source=record.source,
                 reported_load=external_load(record.reported_load(), current.inflight if current else 0),
-                routable=self._routable(record, now),
+                routable=self._is_routable(record, now),
                 kinds=record.kinds,
             )
         )
 
+    def _is_routable(self, record: WorkerRecord, now: float) -> bool:
+        return is_routable(self._registry, record, self._supervisor.workers.get(record.worker_id), now)
+
     def tick(self) -> None:
         """Apply the clock: routability, evictions, and the supervisor's view of its workers."""
-        now = self.clock()
-        for record in self.registry.expired(now):
+        now = self._clock()
+        for record in self._registry.expired(now):
             log.warning("worker %s evicted: no heartbeat for %.0fs", record.worker_id, record.heartbeat_age(now))
-            self.registry.remove(record.worker_id)
-            self.table.remove(record.worker_id)
-            if self.collector is not None and record.worker_id not in self.supervisor.workers:
-                self.collector.forget(record.worker_id)
-        for record in self.registry.all():
-            endpoint = self.table.get(record.worker_id)
-            routable = self._routable(record, now)
+            self._forget_registration(record.worker_id, keep_logs=record.worker_id in self._supervisor.workers)
+        for record in self._registry.all():
+            endpoint = self._table.get(record.worker_id)
+            routable = self._is_routable(record, now)
             if endpoint is not None and endpoint.routable != routable:
                 endpoint.routable = routable
-                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({self.registry.status(record, now)})")
-        for worker in self.supervisor.workers.values():
-            record = self.registry.get(worker.worker_id)
+                log.warning("worker %s %s", record.worker_id, "back in rotation" if routable else f"out of rotation ({self._registry.status(record, now)})")
+        for worker in self._supervisor.workers.values():
+            record = self._registry.get(worker.worker_id)
             was = worker.state
             if record is None:
                 worker.observe(None, now)
             else:
-                worker.observe(self.registry.status(record, now), now, registered_pid=record.pid)
-            if worker.state == "ready" and was != "ready":
+                worker.observe(self._registry.status(record, now), now, registered_pid=record.pid)
+            if worker.state == READY and was != READY:
                 self._announce_ready(worker)
 
     def _announce_ready(self, worker: ManagedWorker) -> None:
@@ -194,96 +272,125 @@ class ControlPlane:
                 log.exception("registry tick failed")
 
     async def _probe_one(self, record: WorkerRecord) -> None:
-        assert self._session is not None
+        session = self._session()
+        assert session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.registry.probe_timeout_s)
         try:
-            async with self._session.get(record.base_url + "/health") as resp:
+            async with session.get(record.base_url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             ok = False
-        if self.registry.get(record.worker_id) is record:  # not replaced meanwhile
-            self.registry.record_probe(record.worker_id, ok)
+        if self._registry.get(record.worker_id) is record:  # not replaced meanwhile
+            self._registry.record_probe(record.worker_id, ok)
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.registry.probe_interval_s)
             # only workers that claim to serve: a loading engine answers 503 by design
-            targets = [r for r in self.registry.all() if r.reported_state == "ready"]
+            targets = [r for r in self._registry.all() if r.reported_state == READY]
             await asyncio.gather(*(self._probe_one(r) for r in targets), return_exceptions=True)
 
     # -- managed workers ---------------------------------------------------------------------
 
     def _make_worker(self, spec: ManagedWorkerSpec, launched: bool) -> ManagedWorker:
         assert self.gateway_url is not None, "start_managed() sets the gateway URL first"
+        collector = self._collector
 
         def on_line(worker_id: str, stream: str, line: str) -> None:
-            if self.collector is not None:
-                self.collector.console(worker_id).append(stream, line, time.time())
+            if collector is not None:
+                collector.console(worker_id).append(stream, line, time.time())
 
         return ManagedWorker(
             spec,
             gateway_url=self.gateway_url,
             settings=self.config.supervisor,
-            worker_token=self.config.auth.worker_token,
+            child_secret=self._child_keys.secret_for(spec.worker_id),
             on_line=on_line,
             launched=launched,
+            clock=self._clock,
+            session=self._session,
         )
 
     def _add_managed(self, spec: ManagedWorkerSpec, *, launched: bool) -> ManagedWorker:
-        self.registry.managed_ids.add(spec.worker_id)
-        return self.supervisor.add(spec, launched=launched)
+        self._registry.managed_ids.add(spec.worker_id)
+        return self._supervisor.add(spec, launched=launched)
 
     def _check_free(self, spec: ManagedWorkerSpec) -> None:
-        if spec.worker_id in self.supervisor.workers:
+        if spec.worker_id in self._supervisor.workers:
             raise UnprocessableEntity(f"a managed worker {spec.worker_id} already exists", code="worker_exists")
-        for other in self.supervisor.workers.values():
+        for other in self._supervisor.workers.values():
             if other.spec.port == spec.port and other.spec.host == spec.host:
                 raise UnprocessableEntity(f"port {spec.port} is taken by managed worker {other.worker_id}", code="port_in_use", param="port")
 
-    async def launch(self, body: Any) -> ManagedWorker:
+    def _launched_specs(self) -> list[ManagedWorkerSpec]:
+        return [w.spec for w in self._supervisor.workers.values() if w.launched]
+
+    def _save_launched(self, specs: list[ManagedWorkerSpec]) -> None:
+        try:
+            self._store.save(specs)
+        except OSError as exc:
+            raise ServiceUnavailable(
+                f"cannot write the state file {self._store.path}: {exc.strerror or exc}", code="state_not_saved"
+            ) from exc
+
+    async def launch(self, body: Any) -> dict[str, Any]:
+        """Validate, record in the state file, then start; 422 names a bad field."""
         try:
             spec = structure_managed_worker(body, "launch")
         except ConfigError as exc:
             raise UnprocessableEntity(exc.message, code="invalid_worker_spec") from exc
-        self._check_free(spec)
-        worker = self._add_managed(spec, launched=True)
-        self._save_launched()
-        return worker
+        return await self._finish(self._launch(spec))
 
-    async def remove_managed(self, worker_id: str) -> ManagedWorker | None:
-        worker = await self.supervisor.remove(worker_id)
+    async def _launch(self, spec: ManagedWorkerSpec) -> dict[str, Any]:
+        async with self._ops_lock:
+            self._check_free(spec)
+            if self.gateway_url is None:
+                raise ServiceUnavailable("the gateway is still starting; launch again in a moment", code="not_ready")
+            # Recorded before the process starts: a crash right after still knows about it.
+            self._save_launched([*self._launched_specs(), spec])
+            try:
+                worker = self._add_managed(spec, launched=True)
+            except BaseException:
+                self._registry.managed_ids.discard(spec.worker_id)
+                self._save_launched(self._launched_specs())  # rolled back
+                raise
+            log.info("worker %s launched through the admin API (model %s, port %d)", spec.worker_id, spec.model_name, spec.port)
+            return {"worker_id": worker.worker_id, "state": worker.state, "launched": True}
+
+    async def remove(self, worker_id: str) -> dict[str, Any]:
+        """Stop and remove a managed worker, or deregister a registered one (NotFound if neither)."""
+        return await self._finish(self._remove(worker_id))
+
+    async def _remove(self, worker_id: str) -> dict[str, Any]:
+        async with self._ops_lock:
+            if worker_id in self._supervisor.workers:
+                worker = await self._remove_managed(worker_id)
+                log.info("managed worker %s stopped and removed through the admin API", worker_id)
+                note = "stopped and removed"
+                if worker is not None and not worker.launched:
+                    note += "; it is in the config file, so a reload starts it again unless you remove it there"
+                return {"worker_id": worker_id, "removed": True, "managed": True, "message": note}
+            if self._registry.get(worker_id) is not None:
+                self._forget_registration(worker_id, keep_logs=False)
+                log.info("worker %s deregistered by the admin API", worker_id)
+                return {
+                    "worker_id": worker_id,
+                    "removed": True,
+                    "managed": False,
+                    "message": "deregistered; this worker was not started by the gateway, so it is still running "
+                    "and registers again with its next heartbeat unless you stop it",
+                }
+        raise NotFound(f"no worker {worker_id!r}", code="worker_not_found")
+
+    async def _remove_managed(self, worker_id: str) -> ManagedWorker | None:
+        worker = await self._supervisor.remove(worker_id)
         if worker is None:
             return None
-        self.registry.managed_ids.discard(worker_id)
-        self.registry.remove(worker_id)
-        self.table.remove(worker_id)
-        if self.collector is not None:
-            self.collector.forget(worker_id)
+        self._registry.managed_ids.discard(worker_id)
+        self._forget_registration(worker_id, keep_logs=False)
         if worker.launched:
-            self._save_launched()
+            self._save_launched(self._launched_specs())
         return worker
-
-    def _state_file(self) -> Path:
-        return self.state_dir / STATE_FILE
-
-    def _save_launched(self) -> None:
-        specs = [attrs.asdict(w.spec) for w in self.supervisor.workers.values() if w.launched]
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file().with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"launched_workers": specs}, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, self._state_file())  # atomic: a crash leaves the old file or the new one
-
-    def _load_launched(self) -> list[ManagedWorkerSpec]:
-        path = self._state_file()
-        if not path.is_file():
-            return []
-        try:
-            data = orjson.loads(path.read_bytes())
-            specs = [_spec_from_dict(d, f"{path}: launched_workers[{i}]") for i, d in enumerate(data["launched_workers"])]
-        except (ValueError, KeyError, TypeError, ConfigError) as exc:
-            log.error("ignoring unreadable state file %s: %s", path, exc)
-            return []
-        log.info("relaunching %d worker(s) recorded in %s", len(specs), path)
-        return specs
 
     # -- reload ------------------------------------------------------------------------------
 
@@ -291,30 +398,43 @@ class ControlPlane:
         """Re-read the config file and reconcile; a bad file changes nothing (ConfigError)."""
         if not self.config_path:
             raise ConfigError("the gateway was started without a config file; nothing to reload")
-        async with self._reload_lock:
+        return await self._finish(self._reload())
+
+    async def _reload(self) -> dict[str, Any]:
+        assert self.config_path is not None
+        async with self._ops_lock:
             new = load_config(self.config_path)
-            summary = await self.apply(new)
+            summary = await self._apply(new)
             self._config_stamp = _stamp(self.config_path)
             return summary
 
     async def apply(self, new: GatewayConfig) -> dict[str, Any]:
-        if self.apply_settings is not None:
-            self.apply_settings(new)  # may raise ConfigError before anything changed
+        """Apply a config (already loaded) as a reload would."""
+
+        async def locked() -> dict[str, Any]:
+            async with self._ops_lock:
+                return await self._apply(new)
+
+        return await self._finish(locked())
+
+    async def _apply(self, new: GatewayConfig) -> dict[str, Any]:
+        if self._apply_settings is not None:
+            self._apply_settings(new)  # may raise ConfigError before anything changed
+        if self._auth is not None:
+            self._auth.configure(new.auth)
         desired = {spec.worker_id: spec for spec in new.managed_workers}
-        current = {wid: w for wid, w in self.supervisor.workers.items() if not w.launched}
-        stopped = [wid for wid in current if wid not in desired]
-        changed = [wid for wid, spec in desired.items() if wid in current and current[wid].spec != spec]
-        started = [wid for wid in desired if wid not in current]
-        for wid in stopped + changed:
-            await self.remove_managed(wid)
+        current = {wid: w.spec for wid, w in self._supervisor.workers.items() if not w.launched}
+        plan = plan_reconcile(current, desired)
+        for wid in plan.stop + plan.restart:
+            await self._remove_managed(wid)
         self.config = new
         if self.gateway_url is not None:
-            for wid in changed + started:
-                if wid in self.supervisor.workers:  # a launched worker took this id meanwhile
+            for wid in plan.restart + plan.start:
+                if wid in self._supervisor.workers:  # a launched worker took this id meanwhile
                     continue
                 self._add_managed(desired[wid], launched=False)
         self.reloads += 1
-        summary = {"started": started, "stopped": stopped, "restarted": changed, "routes": len(new.routes)}
+        summary = {"started": list(plan.start), "stopped": list(plan.stop), "restarted": list(plan.restart), "routes": len(new.routes)}
         log.info("config applied: %s", summary)
         return summary
 
@@ -336,98 +456,31 @@ class ControlPlane:
     # -- views ---------------------------------------------------------------------------------
 
     def worker_views(self) -> list[dict[str, Any]]:
-        now = self.clock()
-        views: dict[str, dict[str, Any]] = {}
-        for record in self.registry.all():
-            endpoint = self.table.get(record.worker_id)
-            views[record.worker_id] = {
-                "worker_id": record.worker_id,
-                "source": record.source,
-                "model_name": record.model_name,
-                "backend": record.backend,
-                "address": record.base_url,
-                "state": self.registry.status(record, now),
-                "routable": bool(endpoint and endpoint.routable),
-                "reported_state": record.reported_state,
-                "heartbeat_age_s": round(record.heartbeat_age(now), 2),
-                "heartbeat_interval_s": record.heartbeat_interval,
-                "load": record.load,
-                "inflight_via_gateway": endpoint.inflight if endpoint else 0,
-                "gpus": record.gpus,
-                "version": record.version,
-                "model_path": record.model_path,
-                "instance_id": record.instance_id,
-                "pid": record.pid,
-                "error": record.error,
-                "kinds": list(record.kinds),
-                "restarts": 0,
-                "registered": True,
-            }
-        for worker in self.supervisor.workers.values():
-            view = views.setdefault(
-                worker.worker_id,
-                {
-                    "worker_id": worker.worker_id,
-                    "source": "managed",
-                    "model_name": worker.spec.model_name,
-                    "backend": worker.spec.backend,
-                    "address": f"http://{worker.spec.host}:{worker.spec.port}",
-                    "state": worker.state,
-                    "routable": False,
-                    "heartbeat_age_s": None,
-                    "registered": False,
-                    "gpus": [],
-                },
-            )
-            if worker.state not in ("ready",) and view.get("state") in ("ready", None):
-                view["state"] = worker.state
-            view.update(
-                pid=worker.pid,
-                managed_state=worker.state,
-                restarts=worker.restarts,
-                last_exit=worker.last_exit,
-                gpu_ids=list(worker.spec.gpu_ids),
-                launched=worker.launched,
-                adopted=worker.adopted,
-                message=worker.message,
-            )
-        return sorted(views.values(), key=lambda v: v["worker_id"])
+        return worker_views(self._registry, self._table, self._supervisor.workers.values(), self._clock())
+
+    def worker_view(self, worker_id: str) -> dict[str, Any]:
+        """One worker, with a managed one's spec and last lines; NotFound otherwise."""
+        for view in self.worker_views():
+            if view["worker_id"] == worker_id:
+                managed = self._supervisor.workers.get(worker_id)
+                if managed is not None:
+                    view["spec"] = managed.snapshot()["spec"]
+                    view["last_lines"] = list(managed.last_lines)[-50:]
+                return view
+        raise NotFound(f"no worker {worker_id!r}", code="worker_not_found")
+
+    def managed_ids(self) -> list[str]:
+        return sorted(self._supervisor.workers)
 
     def cluster_status(self) -> dict[str, Any]:
-        views = self.worker_views()
-        by_state: dict[str, int] = {}
-        for view in views:
-            by_state[view["state"]] = by_state.get(view["state"], 0) + 1
-        models = {}
-        for name in self.table.models():
-            endpoints = self.table.endpoints(name)
-            models[name] = {"replicas": len(endpoints), "routable": sum(1 for e in endpoints if e.routable)}
-        return {
-            "gateway": {"uptime_s": round(time.time() - self.started_at, 1), "reloads": self.reloads, "config": self.config_path},
-            "workers": {"total": len(views), "by_state": by_state},
-            "models": models,
-            "gpu_ids_in_use": self.supervisor.gpu_ids_in_use(),
-            "gpus_by_worker": {v["worker_id"]: v.get("gpus", []) for v in views if v.get("gpus")},
-        }
+        return cluster_status(
+            self.worker_views(), self._table, self._supervisor.gpu_ids_in_use(),
+            gateway={"uptime_s": round(time.time() - self.started_at, 1), "reloads": self.reloads, "config": self.config_path},
+        )  # fmt: skip
 
     def metric_samples(self) -> Iterable[tuple[str, str, str, dict[str, str], float]]:
         """Scrape-time gauges for the gateway's /metrics (see ichat.gateway.metrics)."""
-        now = self.clock()
-        counts: dict[str, int] = {}
-        for view in self.worker_views():
-            counts[view["state"]] = counts.get(view["state"], 0) + 1
-        for state, count in sorted(counts.items()):
-            yield ("ichat_gateway_workers", "Workers by state", "gauge", {"state": state}, float(count))
-        for record in self.registry.all():
-            yield (
-                "ichat_gateway_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat", "gauge",
-                {"worker": record.worker_id, "model": record.model_name}, record.heartbeat_age(now),
-            )  # fmt: skip
-        for worker in self.supervisor.workers.values():
-            yield (
-                "ichat_gateway_managed_worker_restarts", "Restarts of a managed worker", "counter",
-                {"worker": worker.worker_id}, float(worker.restarts),
-            )  # fmt: skip
+        return metric_samples(self.worker_views(), self._registry.all(), self._supervisor.workers.values(), self._clock())
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
@@ -436,12 +489,4 @@ def _stamp(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size)
-
-
-def _spec_from_dict(data: dict[str, Any], where: str) -> ManagedWorkerSpec:
-    # attrs.asdict folded engine flags into "engine_flags": unfold them for the structurer
-    data = dict(data)
-    flags = data.pop("engine_flags", {}) or {}
-    data.update(flags)
-    return structure_managed_worker(data, where)
 

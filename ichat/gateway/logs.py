@@ -17,7 +17,7 @@ worker's logs stay readable); ``forget`` drops them.
 Appending never waits on readers: each reader has a bounded buffer (``ichat.logs.hub``), so a
 slow reader loses lines, and is told so, instead of slowing the collector or other readers.
 
-Routes (protected like the admin API by ``app.protect``):
+Routes (the admin route class: admin key, or loopback only; see ichat.gateway.auth):
 
     GET /v1/logs/stream/{worker_id}   one worker: backlog (?tail=N, default 100) then live;
                                       ?follow=false: backlog only; Last-Event-ID / ?after=ID
@@ -43,8 +43,9 @@ import attrs
 import orjson
 from aiohttp import web
 
+from ichat.backoff import exponential
 from ichat.config import GatewayConfig
-from ichat.errors import InvalidRequest, NotFound
+from ichat.errors import InvalidRequest, LogStreamBroken, NotFound
 from ichat.logs.hub import HubGroup, LogHub
 from ichat.logs.sse import EPOCH_HEADER, KEEPALIVE_S, SSEParser, end_streams_on_shutdown, stream_logs
 
@@ -62,6 +63,8 @@ STABLE_S = 5.0
 #: reconnect backoff: first wait and cap, seconds (each with jitter in [50%, 100%])
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 30.0
+#: a mirrored log line longer than this is cut (ring_lines x this bounds one worker's mirror)
+MAX_LINE_CHARS = 8 * 1024
 #: kernel send buffer of a /v1/logs stream: what a reader that stopped reading can pin in the
 #: kernel (Linux doubles it) before its own bounded line buffer starts dropping (see stream_logs)
 STREAM_SEND_BUFFER_BYTES = 128 * 1024
@@ -72,8 +75,7 @@ def reconnect_delay(failures: int, rng: random.Random) -> float:
 
     Exponential from FIRST_RETRY_S, capped at MAX_RETRY_S, with jitter so that the gateway does
     not reconnect to a whole fleet in lockstep after a network blip."""
-    base = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** (max(1, failures) - 1))
-    return base * rng.uniform(0.5, 1.0)
+    return exponential(failures, first=FIRST_RETRY_S, cap=MAX_RETRY_S, rng=rng)
 
 
 class LogMirror:
@@ -167,11 +169,10 @@ def _parse_line(data: str) -> tuple[int, float, str, str, str | None] | None:
         return None
     if not (isinstance(line_id, int) and isinstance(ts, (int, float)) and isinstance(stream, str) and isinstance(text, str)):
         return None
+    if len(text) > MAX_LINE_CHARS:  # what one worker can make the gateway hold per line
+        text = text[:MAX_LINE_CHARS] + f" [gateway: {len(text) - MAX_LINE_CHARS} more characters cut]"
+    stream = stream[:32]
     return line_id, float(ts), stream, text, level if isinstance(level, str) else None
-
-
-class _LinkError(Exception):
-    """The worker's log stream cannot be read (an HTTP error, or it ended)."""
 
 
 @attrs.define(eq=False)
@@ -203,8 +204,12 @@ class LogCollector:
         rng: random.Random | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         read_timeout_s: float = READ_TIMEOUT_S,
+        keep_dead: int = 32,
     ) -> None:
         self.ring_lines = ring_lines
+        #: workers no longer followed whose logs stay readable; the oldest are forgotten beyond it
+        self.keep_dead = keep_dead
+        self._dead: dict[str, None] = {}  # insertion-ordered: oldest first
         self._clock = clock
         self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(
@@ -249,6 +254,7 @@ class LogCollector:
         """Follow ``{base_url}/logs/stream`` (base_url: the worker's root, ``http://host:port``).
         Idempotent; a changed base_url restarts the link (resuming, or marking a restart)."""
         base_url = base_url.rstrip("/")
+        self._dead.pop(worker_id, None)
         record = self._record(worker_id)
         if record.base_url == base_url and record.task is not None and not record.task.done():
             return
@@ -263,9 +269,15 @@ class LogCollector:
         if record is not None:
             self._stop_task(record)
             record.base_url = None
+            # Bounded: a stream of short-lived workers must not grow the gateway's memory.
+            self._dead.pop(worker_id, None)
+            self._dead[worker_id] = None
+            while len(self._dead) > self.keep_dead:
+                self.forget(next(iter(self._dead)))
 
     def forget(self, worker_id: str) -> None:
         """Stop following and drop the worker's lines (it was removed)."""
+        self._dead.pop(worker_id, None)
         record = self._workers.pop(worker_id, None)
         if record is None:
             return
@@ -360,8 +372,8 @@ class LogCollector:
                 if await self._read_once(record, url) == "reconnect":
                     failures = 0
                     continue
-                raise _LinkError("the worker ended the stream")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, _LinkError) as exc:
+                raise LogStreamBroken("the worker ended the stream")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, LogStreamBroken) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:  # a bug must not end the following for good
                 log.exception("following the log stream of worker %s failed", record.worker_id)
@@ -384,7 +396,7 @@ class LogCollector:
         async with self._session.get(url, params=params, headers=headers, timeout=self._timeout) as resp:
             if resp.status != 200:
                 body = (await resp.content.read(500)).decode("utf-8", "replace")
-                raise _LinkError(f"HTTP {resp.status}: {body}")
+                raise LogStreamBroken(f"HTTP {resp.status}: {body}")
             if not mirror.connected(resp.headers.get(EPOCH_HEADER), self._clock()):
                 log.warning("worker %s restarted: its log ids started over", record.worker_id)
                 return "reconnect"
@@ -449,7 +461,7 @@ def setup_logs(
     """Add the collector (``LOGS_KEY``), its lifecycle and the /v1/logs routes to ``app``.
     ``client_key`` names the app's shared client session; add this after that session's
     cleanup_ctx, so the session opens before the collector starts and closes after it."""
-    collector = LogCollector(config.logs.ring_lines)
+    collector = LogCollector(config.logs.ring_lines, keep_dead=config.limits.dead_worker_logs)
     app[LOGS_KEY] = collector
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -215,7 +215,7 @@ class Proxy:
             # /v1/audio/{tail} would otherwise reach the upstream's non-OpenAI routes.
             raise InvalidRequest("Request path must not contain '.' or '..' segments.")
         body = await self._read_body(request)
-        model, stream = read_model(body, request.headers)
+        model, stream, parsed = read_model(body, request.headers)
         table = self.table
         if not table.has_model(model):
             raise ModelNotFound(self._unknown_model_message(model), param="model")
@@ -226,7 +226,7 @@ class Proxy:
             request_id = b"%s%012x" % (self._id_prefix, next(self._id_counter))
         if not self.forward_client_auth:
             client_auth = None
-        info = RequestInfo(model, path, len(body), stream)
+        info = RequestInfo(model, path, len(body), stream, body=parsed, headers=request.headers)
         policy = table.policy_for(model)
 
         tried: list[Endpoint] = []
@@ -498,21 +498,22 @@ def _log_failure(endpoint: Endpoint, what: str, exc: BaseException) -> None:
     log.warning("upstream %s (%s) %s: %s: %s", endpoint.id, endpoint.api_base, what, type(exc).__name__, exc)
 
 
-def read_model(body: bytes, headers: CIMultiDictProxy[str]) -> tuple[str, bool]:
-    """Return (model, stream) from a JSON body, or from a multipart form's fields."""
+def read_model(body: bytes, headers: CIMultiDictProxy[str]) -> tuple[str, bool, dict[str, Any] | None]:
+    """Return (model, stream, the parsed JSON body) from a JSON body, or (model, stream, None)
+    from a multipart form's fields."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         content_type = headers.get("Content-Type", "")
         if content_type.startswith("multipart/form-data"):
-            return _model_from_form(body, content_type)
+            return (*_model_from_form(body, content_type), None)
         raise InvalidRequest("Request body is not valid JSON.") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("Request body must name a model: a non-empty string 'model' field.", param="model")
-    return model, obj.get("stream") is True
+    return model, obj.get("stream") is True, obj
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)

@@ -1,9 +1,12 @@
 """The worker registry: who is out there, and may a request go to it now.
 
-Workers register themselves with heartbeats (an upsert carrying their full metadata); managed
-workers are started by the supervisor and register the same way. The pure core below decides,
-from beats, health probes and the clock it is given:
+Workers register themselves with heartbeats (an upsert carrying their full metadata, see
+ichat.protocol); managed workers are started by the supervisor and register the same way.
+The pure core below decides, from beats, health probes and the clock it is given:
 
+    admitted  = the beat may claim its id: never a static route's, a managed worker's only with
+                that child's secret, an address on loopback only when no worker token is set,
+                and a new id only while the registry has room (see ``admit``)
     routable  = reported state "ready"  and  last beat within missed_heartbeats x its own interval
                 and  fewer than probe_failures consecutive failed /health probes
     unhealthy = reported ready, but beats missed or probes failing (out of rotation at once)
@@ -17,44 +20,41 @@ Pure: every method takes ``now`` (monotonic seconds); nothing here awaits or doe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container
 from typing import Any
 
 import attrs
 
 from ichat.config import RegistrySettings
-from ichat.errors import InvalidRequest
-
-LOADING, READY, DRAINING = "loading", "ready", "draining"
-REPORTED_STATES = frozenset({LOADING, READY, DRAINING, "error"})
+from ichat.errors import PermissionDenied, ServiceUnavailable
+from ichat.gateway.auth import Principal, is_loopback
+from ichat.protocol import LOADING, MANAGED_PREFIX, READY, STATIC_ROUTE_PREFIX, UNHEALTHY, Heartbeat
 
 
 @attrs.define
 class WorkerRecord:
-    worker_id: str
-    instance_id: str
-    model_name: str
-    backend: str
-    host: str
-    port: int
+    """A registered worker: its last beat, and what the gateway observed about it."""
+
+    beat: Heartbeat
     #: "worker" (registered itself) or "managed" (started by this gateway)
     source: str
-    reported_state: str
-    heartbeat_interval: float
     last_beat: float
     first_seen: float
-    model_path: str | None = None
-    engine_args: list[str] = attrs.Factory(list)
-    version: str | None = None
-    log_streaming: bool = True
-    load: dict[str, Any] = attrs.Factory(dict)
-    gpus: list[dict[str, Any]] = attrs.Factory(list)
-    pid: int | None = None
-    error: str | None = None
-    #: what the worker's model serves (routes, plus input kinds); empty when not reported
-    kinds: tuple[str, ...] = ()
     probe_failures: int = 0
     beats: int = 0
+
+    # The beat's fields, read often enough to name.
+    worker_id = property(lambda self: self.beat.worker_id)
+    instance_id = property(lambda self: self.beat.instance_id)
+    model_name = property(lambda self: self.beat.model_name)
+    backend = property(lambda self: self.beat.backend)
+    host = property(lambda self: self.beat.host)
+    port = property(lambda self: self.beat.port)
+    reported_state = property(lambda self: self.beat.state)
+    heartbeat_interval = property(lambda self: self.beat.heartbeat_interval)
+    log_streaming = property(lambda self: self.beat.log_streaming)
+    pid = property(lambda self: self.beat.pid)
+    kinds = property(lambda self: self.beat.kinds)
 
     @property
     def base_url(self) -> str:
@@ -69,7 +69,8 @@ class WorkerRecord:
         return max(0.0, now - self.last_beat)
 
     def reported_load(self) -> int:
-        return int(self.load.get("running") or 0) + int(self.load.get("waiting") or 0)
+        load = self.beat.load
+        return int(load.get("running") or 0) + int(load.get("waiting") or 0)
 
 
 def external_load(reported: int, inflight_here: int) -> int:
@@ -80,91 +81,33 @@ def external_load(reported: int, inflight_here: int) -> int:
     return max(0, reported - inflight_here)
 
 
-@attrs.frozen
-class Heartbeat:
-    """A validated heartbeat body."""
-
-    worker_id: str
-    instance_id: str
-    model_name: str
-    backend: str
-    host: str
-    port: int
-    state: str
-    heartbeat_interval: float
-    model_path: str | None = None
-    engine_args: tuple[str, ...] = ()
-    version: str | None = None
-    log_streaming: bool = True
-    load: Mapping[str, Any] = attrs.Factory(dict)
-    gpus: tuple[Mapping[str, Any], ...] = ()
-    pid: int | None = None
-    error: str | None = None
-    kinds: tuple[str, ...] = ()
+def admit_claim(worker_id: str, principal: Principal, managed_ids: Container[str], static_ids: Container[str]) -> None:
+    """Pure: may this caller speak for ``worker_id`` (heartbeat or deregistration)?
+    PermissionDenied says why not."""
+    if worker_id.startswith(STATIC_ROUTE_PREFIX) or worker_id in static_ids:
+        raise PermissionDenied(f"worker id {worker_id!r} is reserved for static routes", code="worker_id_reserved", param="worker_id")
+    if principal.kind == "child":
+        if principal.worker_id != worker_id:
+            raise PermissionDenied("a managed worker may only speak for itself", code="worker_id_mismatch", param="worker_id")
+        return
+    if worker_id.startswith(MANAGED_PREFIX) or worker_id in managed_ids:
+        raise PermissionDenied(
+            f"worker id {worker_id!r} belongs to a worker this gateway manages; only that process may use it",
+            code="worker_id_reserved",
+            param="worker_id",
+        )
 
 
-#: bounds on the optional ``kinds`` list of a heartbeat (names like "audio_transcriptions")
-MAX_KINDS = 32
-MAX_KIND_LENGTH = 64
-
-
-def _kinds(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_KINDS:
-        raise InvalidRequest(f"heartbeat field 'kinds' must be a list of at most {MAX_KINDS} strings", param="kinds")
-    for kind in value:
-        if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LENGTH:
-            raise InvalidRequest(f"heartbeat 'kinds' entries must be strings of 1..{MAX_KIND_LENGTH} characters", param="kinds")
-    return tuple(sorted(set(value)))
-
-
-def parse_heartbeat(body: Any) -> Heartbeat:
-    """Validate a heartbeat body; InvalidRequest names the field that is wrong."""
-    if not isinstance(body, Mapping):
-        raise InvalidRequest("heartbeat body must be a JSON object")
-
-    def field(name: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:
-        value = body.get(name, default)
-        if value is None:
-            if required:
-                raise InvalidRequest(f"heartbeat field {name!r} is required", param=name)
-            return default
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InvalidRequest(f"heartbeat field {name!r} has the wrong type", param=name)
-        return value
-
-    state = field("state", str)
-    if state not in REPORTED_STATES:
-        raise InvalidRequest(f"heartbeat state must be one of {sorted(REPORTED_STATES)}", param="state")
-    port = field("port", int)
-    if not 0 < port < 65536:
-        raise InvalidRequest("heartbeat port must be 1..65535", param="port")
-    interval = float(field("heartbeat_interval", (int, float)))
-    if interval <= 0:
-        raise InvalidRequest("heartbeat_interval must be > 0", param="heartbeat_interval")
-    for name in ("worker_id", "instance_id", "model_name", "host"):
-        if not field(name, str):
-            raise InvalidRequest(f"heartbeat field {name!r} must not be empty", param=name)
-    return Heartbeat(
-        worker_id=body["worker_id"],
-        instance_id=body["instance_id"],
-        model_name=body["model_name"],
-        backend=field("backend", str, default="unknown"),
-        host=body["host"],
-        port=port,
-        state=state,
-        heartbeat_interval=interval,
-        model_path=field("model_path", str, required=False),
-        engine_args=tuple(str(a) for a in field("engine_args", list, required=False, default=[])),
-        version=field("version", str, required=False),
-        log_streaming=bool(field("log_streaming", bool, required=False, default=True)),
-        load=field("load", dict, required=False, default={}),
-        gpus=tuple(field("gpus", list, required=False, default=[])),
-        pid=field("pid", int, required=False),
-        error=field("error", str, required=False),
-        kinds=_kinds(body.get("kinds")),
-    )
+def admit_address(beat: Heartbeat, principal: Principal) -> None:
+    """Pure: with no worker token configured (a loopback caller), only loopback addresses:
+    otherwise any local process could point the gateway's traffic at any host."""
+    if principal.kind == "loopback" and not (is_loopback(beat.host) or beat.host.lower() in ("localhost", "localhost.")):
+        raise PermissionDenied(
+            f"without a worker token only loopback addresses may register (got host {beat.host!r}): "
+            "set auth.worker_token in the gateway config and start the worker with --worker-token",
+            code="loopback_only",
+            param="auth.worker_token",
+        )
 
 
 @attrs.frozen
@@ -175,8 +118,9 @@ class Upserted:
 
 
 class WorkerRegistry:
-    def __init__(self, settings: RegistrySettings, managed_ids: frozenset[str] = frozenset()) -> None:
+    def __init__(self, settings: RegistrySettings, managed_ids: frozenset[str] = frozenset(), *, max_workers: int = 1024) -> None:
         self.settings = settings
+        self.max_workers = max_workers
         self._workers: dict[str, WorkerRecord] = {}
         #: ids the supervisor owns; their records are tagged "managed"
         self.managed_ids = set(managed_ids)
@@ -193,17 +137,17 @@ class WorkerRegistry:
     def upsert(self, beat: Heartbeat, now: float) -> Upserted:
         existing = self._workers.get(beat.worker_id)
         source = "managed" if beat.worker_id in self.managed_ids else "worker"
+        if existing is None and len(self._workers) >= self.max_workers and beat.worker_id not in self.managed_ids:
+            raise ServiceUnavailable(
+                f"the registry holds {self.max_workers} workers (limits.max_workers); a new one can join "
+                "when another leaves or is evicted",
+                retry_after_s=max(1, int(self.settings.evict_after_s)),
+                code="registry_full",
+            )
         if existing is None or existing.instance_id != beat.instance_id:
             record = WorkerRecord(
-                worker_id=beat.worker_id,
-                instance_id=beat.instance_id,
-                model_name=beat.model_name,
-                backend=beat.backend,
-                host=beat.host,
-                port=beat.port,
+                beat=beat,
                 source=source,
-                reported_state=beat.state,
-                heartbeat_interval=beat.heartbeat_interval,
                 last_beat=now,
                 first_seen=now if existing is None else existing.first_seen,
             )
@@ -211,22 +155,9 @@ class WorkerRegistry:
             self._workers[beat.worker_id] = record
         else:
             record, event = existing, "updated"
+        record.beat = beat
         record.source = source
-        record.model_name = beat.model_name
-        record.backend = beat.backend
-        record.host, record.port = beat.host, beat.port
-        record.reported_state = beat.state
-        record.heartbeat_interval = beat.heartbeat_interval
         record.last_beat = now
-        record.model_path = beat.model_path
-        record.engine_args = list(beat.engine_args)
-        record.version = beat.version
-        record.log_streaming = beat.log_streaming
-        record.load = dict(beat.load)
-        record.gpus = [dict(g) for g in beat.gpus]
-        record.pid = beat.pid
-        record.error = beat.error
-        record.kinds = beat.kinds
         record.beats += 1
         return Upserted(record, event)
 
@@ -250,9 +181,9 @@ class WorkerRegistry:
     def status(self, record: WorkerRecord, now: float) -> str:
         """One word for people and metrics: loading, ready, unhealthy, draining, error."""
         if record.reported_state == READY:
-            return "unhealthy" if self.beats_missed(record, now) or self.probes_failing(record) else READY
+            return UNHEALTHY if self.beats_missed(record, now) or self.probes_failing(record) else READY
         if record.reported_state == LOADING and self.beats_missed(record, now):
-            return "unhealthy"
+            return UNHEALTHY
         return record.reported_state
 
     def is_routable(self, record: WorkerRecord, now: float) -> bool:
@@ -262,3 +193,18 @@ class WorkerRegistry:
         """Records with no beat for ``evict_after_s``: the caller removes them."""
         limit = self.settings.evict_after_s
         return [r for r in self._workers.values() if r.heartbeat_age(now) > limit]
+
+
+def record_view(record: WorkerRecord) -> dict[str, Any]:
+    """The beat's fields an admin view shows."""
+    beat = record.beat
+    return {
+        "load": dict(beat.load),
+        "gpus": [dict(g) for g in beat.gpus],
+        "version": beat.version,
+        "model_path": beat.model_path,
+        "instance_id": beat.instance_id,
+        "pid": beat.pid,
+        "error": beat.error,
+        "kinds": list(beat.kinds),
+    }

@@ -15,7 +15,8 @@ process printed. A worker that stays unhealthy (hung) or never gets ready is kil
 restarted. After a gateway crash, a still-running worker whose spec digest matches is adopted
 instead of started twice.
 
-The pure part (transitions, backoff) is at the top; the process handling below it.
+The pure part (transitions, ``decide``, backoff) is at the top; the process handling below it.
+Every time comes from one injected clock (the control plane's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -36,11 +38,16 @@ import aiohttp
 import attrs
 import orjson
 
+from ichat.backoff import exponential
 from ichat.config import ManagedWorkerSpec, SupervisorSettings
+from ichat.errors import InvalidTransition
+from ichat.gateway.childkeys import new_challenge
+from ichat.protocol import CHALLENGE_PARAM, READY, UNHEALTHY, WORKER_SECRET_ENV, child_proof
 
 log = logging.getLogger("ichat.gateway.supervisor")
 
-STOPPED, STARTING, READY, UNHEALTHY = "stopped", "starting", "ready", "unhealthy"
+#: READY and UNHEALTHY are the shared words of ichat.protocol; the rest are the supervisor's own
+STOPPED, STARTING = "stopped", "starting"
 CRASHED, BACKING_OFF, STOPPING, FAILED = "crashed", "backing_off", "stopping", "failed"
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -55,10 +62,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 RUNNING_STATES = frozenset({STARTING, READY, UNHEALTHY})
 LAST_LINES = 200
-
-
-class InvalidTransition(ValueError):
-    pass
 
 
 def transition(current: str, new: str) -> str:
@@ -79,7 +82,35 @@ def restart_delay(crash_times: list[float], now: float, settings: SupervisorSett
     recent = [t for t in crash_times if now - t <= settings.crash_loop_window_s]
     if len(recent) >= settings.crash_loop_max:
         return None
-    return min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** max(0, len(recent) - 1))
+    return exponential(len(recent), first=settings.backoff_initial_s, cap=settings.backoff_max_s)
+
+
+@attrs.frozen
+class Decision:
+    """What the keep-alive decided: the state to be in, and why to kill the process (if so)."""
+
+    state: str
+    kill: str | None = None
+
+
+def decide(
+    state: str, state_since: float, now: float, registry_status: str | None, settings: SupervisorSettings
+) -> Decision:
+    """Pure: feed the registry's view (ready/unhealthy/None = no current record) into the state
+    machine; a worker unhealthy too long (hung) or never ready gets killed, so it restarts."""
+    new = state
+    if state == STARTING and registry_status == READY:
+        new = READY
+    elif state == READY and registry_status in (UNHEALTHY, None):
+        new = UNHEALTHY
+    elif state == UNHEALTHY and registry_status == READY:
+        new = READY
+    age = 0.0 if new != state else now - state_since
+    if new == UNHEALTHY and age > settings.hung_restart_s:
+        return Decision(new, f"unhealthy for {age:.0f}s: killing it to restart")
+    if new == STARTING and age > settings.start_timeout_s:
+        return Decision(new, f"not ready after {age:.0f}s: killing it to restart")
+    return Decision(new)
 
 
 def spec_digest(spec: ManagedWorkerSpec) -> str:
@@ -110,18 +141,22 @@ class ManagedWorker:
         *,
         gateway_url: str,
         settings: SupervisorSettings,
-        worker_token: str | None = None,
+        child_secret: str | None = None,
         on_line: Callable[[str, str, str], None] | None = None,
         echo: bool = True,
         launched: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        session: Callable[[], aiohttp.ClientSession | None] = lambda: None,
     ) -> None:
         self.spec = spec
         self.worker_id = spec.worker_id
         self.digest = spec_digest(spec)
         self.gateway_url = gateway_url
         self.settings = settings
-        self.worker_token = worker_token
+        #: proves to the gateway (and a restarted gateway) that this process is its child
+        self.child_secret = child_secret
+        #: the control plane's client session (one per process), for adoption checks
+        self._session = session
         self.on_line = on_line
         self.echo = echo
         #: started through the admin API (persisted in the state file), not the config
@@ -154,25 +189,16 @@ class ManagedWorker:
             self.message = message
 
     def observe(self, registry_status: str | None, now: float, registered_pid: int | None = None) -> None:
-        """Feed the registry's view (ready/unhealthy/...) into the state machine; kill a worker
-        that is hung (unhealthy too long) or never gets ready, so it restarts.
-
-        A record from an earlier process of this worker (the beats of the instance that just
-        crashed are still fresh) says nothing about the new one: it counts only when its pid is
-        the one running now."""
+        """Apply ``decide`` to this worker. A record from an earlier process of this worker (the
+        beats of the instance that just crashed are still fresh) says nothing about the new one:
+        it counts only when its pid is the one running now."""
         if registered_pid is not None and self.pid is not None and registered_pid != self.pid:
             registry_status = None
-        if self.state == STARTING and registry_status == READY:
-            self._set(READY)
-        elif self.state == READY and registry_status in ("unhealthy", None):
-            self._set(UNHEALTHY, "missed heartbeats or failed health probes")
-        elif self.state == UNHEALTHY and registry_status == READY:
-            self._set(READY)
-        age = now - self.state_since
-        if self.state == UNHEALTHY and age > self.settings.hung_restart_s:
-            self._kill_group(f"unhealthy for {age:.0f}s: killing it to restart")
-        elif self.state == STARTING and age > self.settings.start_timeout_s:
-            self._kill_group(f"not ready after {age:.0f}s: killing it to restart")
+        decision = decide(self.state, self.state_since, now, registry_status, self.settings)
+        if decision.state != self.state:
+            self._set(decision.state, "missed heartbeats or failed health probes" if decision.state == UNHEALTHY else None)
+        if decision.kill is not None:
+            self._kill_group(decision.kill)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -263,8 +289,8 @@ class ManagedWorker:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.spec.gpu_ids)
         env["ICHAT_SPEC_DIGEST"] = self.digest
         env["PYTHONUNBUFFERED"] = "1"
-        if self.worker_token:
-            env["ICHAT_WORKER_TOKEN"] = self.worker_token
+        if self.child_secret:
+            env[WORKER_SECRET_ENV] = self.child_secret
         return env
 
     async def _spawn(self) -> None:
@@ -314,23 +340,32 @@ class ManagedWorker:
                 sys.stderr.write(f"[{self.worker_id}] {line}\n")
 
     async def _adopt(self) -> bool:
-        """A worker of this spec still running from before a gateway restart: keep it."""
+        """A worker of this spec still running from before a gateway restart: keep it, once it
+        proved it is this gateway's child (see the module docstring)."""
+        session = self._session()
+        if session is None or not self.child_secret:
+            return False
+        challenge = new_challenge()
         url = f"http://{self.spec.host}:{self.spec.port}/info"
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-                async with session.get(url) as resp:
-                    info = await resp.json() if resp.status == 200 else None
+            async with session.get(url, params={CHALLENGE_PARAM: challenge}, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                info = await resp.json() if resp.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return False
-        if not info or info.get("worker_id") != self.worker_id or info.get("spec_digest") != self.digest:
+        reason = adoption_refusal(info, self.worker_id, self.digest, self.spec.port, self.child_secret, challenge)
+        if reason is None and not _alive(info["pid"]):
+            reason = f"pid {info['pid']} is not running"
+        if reason is None and not _is_worker_process(info["pid"], self.worker_id):
+            reason = f"pid {info['pid']} is not the worker {self.worker_id}"
+        if reason is not None:
+            if info is not None:
+                log.warning("managed worker %s: not adopting what answers on port %d: %s", self.worker_id, self.spec.port, reason)
             return False
-        pid = info.get("pid")
-        if not isinstance(pid, int) or not _alive(pid):
-            return False
+        pid = info["pid"]
         self._proc = None
         self._exited.clear()
         self.pid, self.adopted = pid, True
-        log.info("managed worker %s: adopted running pid %d (its spec is unchanged)", self.worker_id, pid)
+        log.info("managed worker %s: adopted running pid %d (it proved it is our child; its spec is unchanged)", self.worker_id, pid)
         self._watch_task = asyncio.create_task(self._watch_adopted(pid))
         return True
 
@@ -367,6 +402,34 @@ class ManagedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
+def adoption_refusal(info: Any, worker_id: str, digest: str, port: int, secret: str, challenge: str) -> str | None:
+    """Pure: why an ``/info`` answer does not prove to be our child (None: it does)."""
+    if not isinstance(info, dict):
+        return "no worker info"
+    if info.get("worker_id") != worker_id:
+        return f"it is worker {info.get('worker_id')!r}"
+    if info.get("spec_digest") != digest:
+        return "its spec differs"
+    pid, proof = info.get("pid"), info.get("proof")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or not isinstance(proof, str):
+        return "no pid or proof"
+    if not hmac.compare_digest(proof, child_proof(secret, challenge, pid, port)):
+        return "it could not prove it is this gateway's child"
+    return None
+
+
+def _is_worker_process(pid: int, worker_id: str) -> bool:
+    """``/proc/<pid>/cmdline`` is ``... -m ichat.worker ... --worker-id <worker_id> ...``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    if "ichat.worker" not in argv:
+        return False
+    return any(a == "--worker-id" and b == worker_id for a, b in zip(argv, argv[1:]))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -390,8 +453,8 @@ class Supervisor:
 
     def add(self, spec: ManagedWorkerSpec, *, launched: bool = False) -> ManagedWorker:
         worker = self._factory(spec, launched)
+        worker.start()  # a worker that cannot start is not added
         self.workers[worker.worker_id] = worker
-        worker.start()
         return worker
 
     async def remove(self, worker_id: str) -> ManagedWorker | None:

@@ -181,16 +181,25 @@ class SSEEvent:
     id: str | None = None
 
 
+#: the parser's bounds: what one peer can make a reader hold in memory
+MAX_LINE_BYTES = 1024 * 1024
+MAX_EVENT_BYTES = 1024 * 1024
+
+
 class SSEParser:
     """Incremental Server-Sent Events parser (the subset servers use: ``\\n`` or ``\\r\\n`` line
     ends, ``event``/``data``/``id`` fields, ``:`` comments). ``feed`` returns the events completed
-    by the bytes given; a line longer than ``max_line_bytes`` raises ValueError."""
+    by the bytes given. Bounded: a line longer than ``max_line_bytes``, or an event whose data
+    lines add up to more than ``max_event_bytes`` (a peer that never sends the blank line that
+    ends it), raises ValueError, so a hostile or broken stream cannot grow the reader's memory."""
 
-    def __init__(self, max_line_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
+        self.max_event_bytes = max_event_bytes
         self._buffer = b""
         self._event = ""
         self._data: list[str] = []
+        self._data_bytes = 0
         self._id: str | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
@@ -206,7 +215,7 @@ class SSEParser:
             if not line:
                 if self._data:
                     events.append(SSEEvent(self._event or "message", "\n".join(self._data), self._id))
-                self._event, self._data, self._id = "", [], None
+                self._event, self._data, self._id, self._data_bytes = "", [], None, 0
                 continue
             if line.startswith(":"):
                 continue
@@ -214,6 +223,9 @@ class SSEParser:
             if value.startswith(" "):
                 value = value[1:]
             if field == "data":
+                self._data_bytes += len(value) + 1
+                if self._data_bytes > self.max_event_bytes:
+                    raise ValueError(f"SSE event larger than {self.max_event_bytes} bytes")
                 self._data.append(value)
             elif field == "event":
                 self._event = value

@@ -3,7 +3,17 @@
 A policy is a small object with one method, ``select(candidates, request, rng) -> Endpoint``.
 ``candidates`` is never empty and holds only endpoints that may take traffic now; live load is
 pushed into the endpoints (``inflight``, ``reported_load``), never fetched by the policy. The
-table keeps one policy instance per model, so a stateful policy (round robin) counts per pool.
+table keeps one policy instance per model, so a stateful policy (round robin, the prefix index
+of cache_aware) keeps its state per pool. ``select`` is the dispatch: the proxy counts the
+request in the chosen endpoint's ``inflight`` before it next yields to the event loop.
+
+Optional methods, called by the table when the policy has them:
+
+* ``configure(settings)``: the gateway's ``routing`` settings (at creation and on every config
+  reload; a reload keeps the instance, and so its state, when the policy name is unchanged);
+* ``forget(endpoint_id)``: the endpoint left the pool (removed, evicted): drop its state;
+* ``samples()``: metrics, as ``(name, help, kind, labels, value)`` tuples (see
+  :meth:`ichat.gateway.metrics.GatewayMetrics.add_source`); the table adds the ``model`` label.
 
 To add one, expose a class in the ``ichat.routing`` entry point group of any installed package;
 it is constructed without arguments.
@@ -12,9 +22,9 @@ it is constructed without arguments.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -35,10 +45,14 @@ class RequestInfo:
     route: str
     body_len: int = 0
     stream: bool = False
-    #: for session-affinity policies (e.g. a user or conversation id); unset today
+    #: a session id the caller already knows; policies that use sessions otherwise read it
+    #: from ``headers`` or ``body`` (see ichat.routing.session)
     session_key: str | None = None
-    #: for prefix-aware policies (e.g. the first bytes of the prompt); unset today
-    prefix: bytes | None = None
+    #: the request's JSON body, already parsed by the proxy (None for a multipart form): read
+    #: by the policies that need it (the prompt for cache_aware), never re-parsed
+    body: Any = None
+    #: the client's request headers (a case-insensitive mapping)
+    headers: Mapping[str, str] | None = None
 
 
 class Policy(Protocol):

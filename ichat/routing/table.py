@@ -15,7 +15,8 @@ Pure: ``now`` is passed in (monotonic seconds), nothing here sleeps, awaits or d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import attrs
 from yarl import URL
@@ -93,8 +94,11 @@ class RoutingTable:
         failures_to_eject: int = 3,
         cooldown_s: float = 10.0,
         policy_loader: Callable[[str], Policy] = load_policy,
+        policy_settings: Any = None,
     ) -> None:
         self._default_policy = default_policy
+        #: the gateway's routing settings, handed to policies that have ``configure``
+        self._policy_settings = policy_settings
         self._per_model = dict(per_model or {})
         self._failures_to_eject = failures_to_eject
         self._cooldown_s = cooldown_s
@@ -102,12 +106,20 @@ class RoutingTable:
         self._endpoints: dict[str, Endpoint] = {}
         self._pools: dict[str, list[Endpoint]] = {}
         self._policies: dict[str, Policy] = {}
+        #: model -> the name its policy instance was made from
+        self._policy_names: dict[str, str] = {}
         # Fail at startup, not on the first request, if a policy name is wrong.
         for name in {default_policy, *self._per_model.values()}:
             policy_loader(name)
 
     def configure(
-        self, default_policy: str, per_model: Mapping[str, str], *, failures_to_eject: int, cooldown_s: float
+        self,
+        default_policy: str,
+        per_model: Mapping[str, str],
+        *,
+        failures_to_eject: int,
+        cooldown_s: float,
+        policy_settings: Any = None,
     ) -> None:
         """Apply new routing settings (config reload); endpoints and their live state stay."""
         for name in {default_policy, *per_model.values()}:
@@ -116,7 +128,15 @@ class RoutingTable:
         self._per_model = dict(per_model)
         self._failures_to_eject = failures_to_eject
         self._cooldown_s = cooldown_s
-        self._policies.clear()  # re-created on the next request with the new names
+        if policy_settings is not None:
+            self._policy_settings = policy_settings
+        # A model whose policy name is unchanged keeps its instance (a prefix index, round
+        # robin's position) with the new settings; the others are re-created on next use.
+        for model, policy in list(self._policies.items()):
+            if self._policy_names.get(model) != self._policy_name(model):
+                del self._policies[model]
+            else:
+                self._configure_policy(policy)
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -155,6 +175,9 @@ class RoutingTable:
     def _leave_pool(self, endpoint: Endpoint) -> None:
         pool = self._pools[endpoint.model_name]
         pool.remove(endpoint)
+        forget = getattr(self._policies.get(endpoint.model_name), "forget", None)
+        if forget is not None:
+            forget(endpoint.id)  # its prefix index entries, its sessions: nothing stays behind
         if not pool:
             del self._pools[endpoint.model_name]
             self._policies.pop(endpoint.model_name, None)
@@ -200,8 +223,27 @@ class RoutingTable:
     def policy_for(self, model: str) -> Policy:
         policy = self._policies.get(model)
         if policy is None:
-            policy = self._policies[model] = self._load_policy(self._per_model.get(model, self._default_policy))
+            name = self._policy_names[model] = self._policy_name(model)
+            policy = self._policies[model] = self._load_policy(name)
+            self._configure_policy(policy)
         return policy
+
+    def _policy_name(self, model: str) -> str:
+        return self._per_model.get(model, self._default_policy)
+
+    def _configure_policy(self, policy: Policy) -> None:
+        configure = getattr(policy, "configure", None)
+        if configure is not None and self._policy_settings is not None:
+            configure(self._policy_settings)
+
+    def policy_samples(self) -> Iterator[tuple[str, str, str, dict[str, str], float]]:
+        """Metrics of the policies that keep some (a source for GatewayMetrics.add_source)."""
+        for model, policy in list(self._policies.items()):
+            samples = getattr(policy, "samples", None)
+            if samples is None:
+                continue
+            for name, help_text, kind, labels, value in samples():
+                yield name, help_text, kind, {"model": model, **labels}, value
 
     def retry_after(self, model: str, now: float) -> int:
         """Seconds until an ejected endpoint of ``model`` is probed again (at least 1)."""

@@ -15,7 +15,7 @@ from ichat.engines import load_engine_factory
 from ichat.engines.base import EngineFactory, EngineSpec
 from ichat.errors import EngineUnavailable
 from ichat.logs.hub import LogHub
-from ichat.worker.app import DRAINING, ERROR, READY, WorkerState, build_app
+from ichat.worker.app import DRAINING, ERROR, READY, WorkerState, build_app, take_child_secret
 from ichat.worker.cli import WorkerOptions, build_parser, parse_worker_args
 from ichat.worker.logcapture import FdCapture
 
@@ -31,7 +31,7 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
     loop = asyncio.get_running_loop()
     if capture is not None:
         capture.attach(loop)
-    state = WorkerState(options, spec=spec)
+    state = WorkerState(options, spec=spec, child_secret=take_child_secret())
     app = build_app(state, hub)
     # handler_cancellation: a client that goes away cancels its handler, which aborts the
     # engine request instead of generating tokens nobody reads.
@@ -100,8 +100,10 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
         logging.shutdown()
         os._exit(exit_code)
     if state.engine is not None:
-        with contextlib.suppress(Exception):
+        try:
             await state.engine.shutdown()
+        except Exception:  # stopping anyway; its processes die with this one
+            log.exception("engine shutdown failed")
     log.info("iChat worker %s stopped", options.worker_id)
     return exit_code
 

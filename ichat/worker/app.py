@@ -50,6 +50,8 @@ from ichat.errors import (
 from ichat.httperrors import error_middleware
 from ichat.logs.hub import LogHub
 from ichat.logs.sse import end_streams_on_shutdown, stream_hubs
+# the worker's phases are the reported states of the wire protocol (LOADING is the first)
+from ichat.protocol import CHALLENGE_PARAM, DRAINING, ERROR, LOADING, READY, WORKER_SECRET_ENV, child_proof
 from ichat.worker.cli import WorkerOptions
 from ichat.worker.gpus import gpu_inventory
 
@@ -59,8 +61,6 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 #: bounds on a multipart form (audio upload): the fields besides the file are small
 MAX_FORM_FIELDS = 64
 MAX_FORM_FIELD_BYTES = 64 * 1024
-
-LOADING, READY, ERROR, DRAINING = "loading", "ready", "error", "draining"
 
 
 @attrs.define
@@ -75,6 +75,15 @@ class WorkerState:
     instance_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     started_at: float = attrs.field(factory=time.time)
     inflight: int = 0
+    #: set when this worker is a managed child of a gateway (see ichat.protocol): it proves that
+    #: with its heartbeats and when a restarted gateway asks before adopting it
+    child_secret: str | None = None
+
+
+def take_child_secret() -> str | None:
+    """The secret the gateway's supervisor handed this process, removed from the environment so
+    that the engine's subprocesses do not inherit it."""
+    return os.environ.pop(WORKER_SECRET_ENV, None) or None
 
 
 class WorkerMetrics:
@@ -339,9 +348,15 @@ async def handle_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_info(request: web.Request) -> web.Response:
-    """Worker metadata, the same fields a heartbeat carries."""
+    """Worker metadata, the same fields a heartbeat carries; with ``?challenge=``, a managed
+    child's proof that it is one (never the secret itself)."""
     state = request.app[WORKER_STATE]
-    return _json(200, describe(state))
+    info = describe(state)
+    challenge = request.query.get(CHALLENGE_PARAM)
+    if challenge and state.child_secret and len(challenge) <= 128:
+        # a restarted gateway asking before it adopts this process (ichat.gateway.supervisor)
+        info["proof"] = child_proof(state.child_secret, challenge, info["pid"], state.options.port)
+    return _json(200, info)
 
 
 def describe(state: WorkerState) -> dict[str, Any]:

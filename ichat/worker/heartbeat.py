@@ -1,22 +1,29 @@
 """The worker's side of service discovery: upsert heartbeats to the gateway.
 
-Every beat carries the full metadata, so the first one registers and any later one
-re-registers a worker the gateway forgot (a gateway restart). Beats go out every
-``--heartbeat-interval`` seconds, at once on a state change (loading -> ready -> draining), and
-sooner, with backoff and jitter, while the gateway cannot be reached; serving never waits on it.
+Every beat carries the full metadata (one :class:`ichat.protocol.Heartbeat`), so the first one
+registers and any later one re-registers a worker the gateway forgot (a gateway restart). Beats
+go out every ``--heartbeat-interval`` seconds, at once on a state change (loading -> ready ->
+draining), and sooner, with backoff and jitter, while the gateway cannot be reached; serving
+never waits on it.
+
+Credentials: a worker the gateway started itself sends its own secret (``ICHAT_WORKER_SECRET``,
+with ``X-IChat-Worker-Id``), which no token rotation changes; any other worker sends
+``--worker-token`` when it has one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
 
 import aiohttp
 
-from ichat.worker.app import READY, WorkerState, describe
+from ichat.backoff import exponential
+from ichat.errors import GatewayRefused, IChatError
+from ichat.protocol import CHILD_HEADER, READY, Heartbeat, unstructure
+from ichat.worker.app import WorkerState, describe
 from ichat.worker.gpus import gpu_inventory
 
 log = logging.getLogger("ichat.worker.heartbeat")
@@ -33,30 +40,48 @@ def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
     """
     if failures <= 0:
         return interval
-    base = min(interval, 0.5 * 2 ** (failures - 1))
-    return base * rng.uniform(0.5, 1.0)
+    return exponential(failures, first=0.5, cap=interval, rng=rng)
 
 
-async def build_payload(state: WorkerState) -> dict[str, Any]:
-    payload = describe(state)
+async def build_heartbeat(state: WorkerState) -> Heartbeat:
+    info = describe(state)
     options = state.options
     engine = state.engine
     load: dict[str, Any] = {"inflight": state.inflight, "running": 0, "waiting": 0, "kv_cache_usage": None}
     if engine is not None and state.phase == READY:
-        with contextlib.suppress(Exception):
+        try:
             engine_load = await engine.load()
+        except Exception as exc:  # the beat goes out without it: liveness matters more than load
+            log.debug("engine load not available for this beat: %r", exc)
+        else:
             load.update(running=engine_load.running, waiting=engine_load.waiting, kv_cache_usage=engine_load.kv_cache_usage)
     spec = getattr(engine, "spec", None) or state.spec
-    payload.update(
-        served_model_names=list(spec.served_model_names) if spec else options.served_model_name,
-        engine_args=list(spec.canonical_args) if spec else [],
+    return Heartbeat(
+        worker_id=info["worker_id"],
+        instance_id=info["instance_id"],
+        model_name=info["model_name"],
+        host=info["host"],
+        port=info["port"],
+        state=info["state"],
         heartbeat_interval=options.heartbeat_interval,
+        backend=info["backend"],
+        model_path=info["model_path"],
+        served_model_names=tuple(spec.served_model_names) if spec else tuple(options.served_model_name or ()),
+        engine_args=tuple(spec.canonical_args) if spec else (),
+        version=info["version"],
         log_streaming=options.log_streaming,
         load=load,
-        gpus=await asyncio.to_thread(gpu_inventory),
+        gpus=tuple(await asyncio.to_thread(gpu_inventory)),
+        pid=info["pid"],
+        inflight=state.inflight,
+        spec_digest=info["spec_digest"],
         error=state.error,
+        kinds=tuple(info["kinds"]),
     )
-    return payload
+
+
+async def build_payload(state: WorkerState) -> dict[str, Any]:
+    return unstructure(await build_heartbeat(state))
 
 
 class HeartbeatAgent:
@@ -72,7 +97,10 @@ class HeartbeatAgent:
         self._wake.set()
 
     def _headers(self) -> dict[str, str]:
-        token = self._state.options.worker_token
+        state = self._state
+        if state.child_secret:
+            return {"Authorization": f"Bearer {state.child_secret}", CHILD_HEADER: state.options.worker_id}
+        token = state.options.worker_token
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _post(self, path: str, payload: dict[str, Any]) -> None:
@@ -80,7 +108,7 @@ class HeartbeatAgent:
         url = self._state.options.gateway_address + path
         async with self._session.post(url, json=payload, headers=self._headers()) as resp:
             if resp.status >= 400:
-                raise RuntimeError(f"gateway answered {resp.status}: {(await resp.text())[:200]}")
+                raise GatewayRefused(f"gateway answered {resp.status}: {(await resp.text())[:300]}")
 
     async def open(self) -> None:
         interval = self._state.options.heartbeat_interval
@@ -102,22 +130,26 @@ class HeartbeatAgent:
                 if failures:
                     log.info("gateway %s reachable again; registered", options.gateway_address)
                 failures = 0
-            except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, OSError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, IChatError, OSError) as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
                     log.warning("heartbeat to %s failed (%s); retrying with backoff", options.gateway_address, exc)
             delay = retry_delay(failures, options.heartbeat_interval, self._rng)
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
 
     async def announce_draining(self) -> None:
         """One beat with state 'draining', so the gateway stops routing here before we stop listening."""
-        with contextlib.suppress(Exception):
+        try:
             await self._post(HEARTBEAT_PATH, await build_payload(self._state))
+        except (aiohttp.ClientError, asyncio.TimeoutError, IChatError, OSError) as exc:
+            log.warning("could not tell the gateway we are draining (%s); it notices by missed beats", exc)
 
     async def deregister(self) -> None:
         state = self._state
-        with contextlib.suppress(Exception):
-            await self._post(
-                DEREGISTER_PATH, {"worker_id": state.options.worker_id, "instance_id": state.instance_id}
-            )
+        try:
+            await self._post(DEREGISTER_PATH, {"worker_id": state.options.worker_id, "instance_id": state.instance_id})
+        except (aiohttp.ClientError, asyncio.TimeoutError, IChatError, OSError) as exc:
+            log.warning("could not deregister from the gateway (%s); it evicts this worker by missed beats", exc)

@@ -31,10 +31,12 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def gateway(aiohttp_client: Any, clock: FakeClock) -> MakeGateway:
-    """``await gateway(config_dict)`` -> a test client of a gateway built from that config."""
+async def gateway(aiohttp_client: Any, clock: FakeClock, tmp_path: Any) -> MakeGateway:
+    """``await gateway(config_dict)`` -> a test client of a gateway built from that config
+    (its state directory, unless the config names one, is the test's own tmp_path)."""
 
     async def make(config: dict[str, Any], *, handler_cancellation: bool = True, seed: int = 0) -> TestClient:
+        config = {"state_dir": str(tmp_path / "state"), **config}
         parsed = GatewayConfig.from_dict(config, source="test.yaml", environ={})
         app = build_app(parsed, clock=clock, rng=random.Random(seed))
         if handler_cancellation:

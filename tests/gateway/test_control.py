@@ -118,10 +118,12 @@ async def test_worker_token_and_admin_key(gateway, fake_upstream):
     assert (await client.get("/health")).status == 200
 
 
-async def test_admin_key_defaults_to_client_keys(gateway):
-    client = await gateway({"auth": {"api_keys": ["client"]}})
-    assert (await client.get("/v1/admin/cluster/status")).status == 401
+async def test_client_keys_open_the_admin_api_only_when_the_config_says_so(gateway):
+    client = await gateway({"auth": {"api_keys": ["client"], "admin_key": "admin"}})
+    assert (await client.get("/v1/admin/cluster/status", headers={"Authorization": "Bearer client"})).status == 401
+    client = await gateway({"auth": {"api_keys": ["client"], "admin_key": "admin", "allow_client_keys_for_admin": True}})
     assert (await client.get("/v1/admin/cluster/status", headers={"Authorization": "Bearer client"})).status == 200
+    assert (await client.get("/v1/admin/cluster/status", headers={"Authorization": "Bearer admin"})).status == 200
 
 
 async def test_admin_views_and_errors(gateway, fake_upstream):
@@ -151,7 +153,7 @@ async def test_launch_validates_before_starting_anything(gateway):
     resp = await client.post("/v1/admin/workers/launch", json={"model_name": "m", "port": 8001})
     assert resp.status == 422 and "model_path" in (await resp.json())["error"]["message"]
     assert (await client.post("/v1/admin/workers/launch", json=[1])).status == 422
-    assert client.app[CONTROL_KEY].supervisor.workers == {}
+    assert client.app[CONTROL_KEY].managed_ids() == []
 
 
 async def test_reload_without_a_config_file_is_refused(gateway):

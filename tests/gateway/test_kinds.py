@@ -10,7 +10,7 @@ import os
 
 import orjson
 
-from ichat.gateway.registry import parse_heartbeat
+from ichat.protocol import parse_heartbeat
 from ichat.routing.table import Endpoint, RoutingTable
 
 from .test_control import beat_for
@@ -48,7 +48,7 @@ async def test_a_worker_that_reports_no_kinds_still_registers(gateway, fake_upst
 async def test_bad_kinds_in_a_heartbeat_are_a_400(gateway, fake_upstream):
     fake = await fake_upstream("w")
     client = await gateway({})
-    for bad in ("chat", [1], ["x" * 65], ["k"] * 33):
+    for bad in ("chat", [1], ["x" * 65], [f"k{i}" for i in range(33)]):
         resp = await client.post("/v1/workers/heartbeat", json=beat_for(fake, kinds=bad))
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "kinds", bad
 

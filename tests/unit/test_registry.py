@@ -4,7 +4,8 @@ import pytest
 
 from ichat.config import RegistrySettings
 from ichat.errors import InvalidRequest
-from ichat.gateway.registry import WorkerRegistry, external_load, parse_heartbeat
+from ichat.gateway.registry import WorkerRegistry, external_load
+from ichat.protocol import parse_heartbeat
 
 SETTINGS = RegistrySettings(missed_heartbeats=3, evict_after_s=60, probe_failures=2)
 

@@ -57,12 +57,27 @@ def test_round_robin_copes_with_a_changing_pool():
     assert len(policy._score) < 20
 
 
+class SteppingClock:
+    """Each reading one second later: requests spaced wider than the prefill window."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def spaced() -> LeastInflight:
+    return LeastInflight(clock=SteppingClock())
+
+
 def test_least_inflight_prefers_the_idle_endpoint():
     eps = endpoints(3)
     eps[0].inflight, eps[1].inflight, eps[2].inflight = 2, 0, 1
-    assert set(picks(LeastInflight(), eps, 20)) == {"e1"}
+    assert set(picks(spaced(), eps, 20)) == {"e1"}
     eps[1].reported_load = 5  # what the worker says counts too
-    assert set(picks(LeastInflight(), eps, 20)) == {"e2"}
+    assert set(picks(spaced(), eps, 20)) == {"e2"}
 
 
 def test_least_inflight_breaks_ties_at_random_but_reproducibly():
@@ -78,7 +93,50 @@ def test_least_inflight_breaks_ties_at_random_but_reproducibly():
 def test_least_inflight_divides_load_by_weight():
     eps = endpoints(2)
     eps[0].weight, eps[0].inflight, eps[1].inflight = 4.0, 3, 1
-    assert picks(LeastInflight(), eps, 5) == ["e0"] * 5
+    assert picks(spaced(), eps, 5) == ["e0"] * 5
+
+
+class StillClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dispatch(policy, eps, n, rng) -> list[str]:
+    """n requests arriving at once; the proxy counts each in flight as soon as it is picked."""
+    got = []
+    for _ in range(n):
+        ep = policy.select(eps, REQUEST, rng)
+        ep.inflight += 1
+        got.append(ep.id)
+    return got
+
+
+def test_least_inflight_splits_a_burst_of_replacements():
+    # Issue 17: under a closed loop, a group of requests admitted together finishes together on
+    # one endpoint (here e0: 8 of its 16 just ended). Plain in-flight counting sent all 8
+    # replacements back to e0, so 8 prefills queued on e0 while e1 only decoded; recent
+    # dispatches still in flight now count as prefills and the group is shared out.
+    clock, rng = StillClock(), random.Random(3)
+    policy, eps = LeastInflight(clock=clock), endpoints(2)
+    eps[0].inflight, eps[1].inflight = 8, 16
+    got = Counter(dispatch(policy, eps, 8, rng))
+    assert 3 <= got["e1"] <= 5, got  # plain least-in-flight: {"e0": 8}
+
+    clock.now += 1.0  # past the window: prefills done, those requests decode like the rest
+    eps[0].inflight, eps[1].inflight = 9, 15
+    assert dispatch(policy, eps, 3, rng) == ["e0", "e0", "e0"]
+
+
+def test_least_inflight_without_the_prefill_weight_is_plain_counting():
+    from ichat.config import LeastInflightSettings, RoutingSettings
+
+    policy, eps, rng = LeastInflight(clock=StillClock()), endpoints(2), random.Random(4)
+    policy.configure(RoutingSettings(least_inflight=LeastInflightSettings(prefill_weight=0)))
+    eps[0].inflight, eps[1].inflight = 8, 16
+    assert dispatch(policy, eps, 8, rng) == ["e0"] * 8
 
 
 # -- endpoint ---------------------------------------------------------------------------------

@@ -92,3 +92,59 @@ def test_a_record_of_the_crashed_process_does_not_make_its_replacement_ready():
     assert worker.state == sv.STARTING
     worker.observe("ready", 0.1, registered_pid=200)
     assert worker.state == sv.READY
+
+
+# -- decide(): the keep-alive on one clock --------------------------------------------------------
+
+HUNG = SupervisorSettings(hung_restart_s=10, start_timeout_s=100)
+
+
+def test_decide_moves_with_the_registry_and_kills_only_after_the_deadline():
+    assert sv.decide(sv.STARTING, 0.0, 1.0, "ready", HUNG) == sv.Decision(sv.READY)
+    assert sv.decide(sv.READY, 0.0, 1.0, None, HUNG) == sv.Decision(sv.UNHEALTHY)
+    assert sv.decide(sv.UNHEALTHY, 0.0, 5.0, "unhealthy", HUNG) == sv.Decision(sv.UNHEALTHY)
+    hung = sv.decide(sv.UNHEALTHY, 0.0, 11.0, "unhealthy", HUNG)
+    assert hung.state == sv.UNHEALTHY and "unhealthy for 11s" in hung.kill
+    slow = sv.decide(sv.STARTING, 0.0, 101.0, "loading", HUNG)
+    assert "not ready after 101s" in slow.kill
+    assert sv.decide(sv.CRASHED, 0.0, 1000.0, None, HUNG) == sv.Decision(sv.CRASHED)
+
+
+# -- adoption: only a proven child ------------------------------------------------------------------
+
+
+def _info(secret="s", challenge="c", pid=4242, port=8001, **patch):
+    from ichat.protocol import child_proof
+
+    info = {"worker_id": "managed-m-8001", "spec_digest": "d", "pid": pid, "proof": child_proof(secret, challenge, pid, port)}
+    info.update(patch)
+    return info
+
+
+def test_adoption_needs_a_proof_bound_to_pid_and_port():
+    """Before: whatever answered /info with the right worker id and digest was adopted, and the
+    pid it named was later signalled."""
+    refusal = lambda info: sv.adoption_refusal(info, "managed-m-8001", "d", 8001, "s", "c")  # noqa: E731
+    assert refusal(_info()) is None
+    assert "prove" in refusal(_info(secret="guess"))
+    assert "prove" in refusal(_info(pid=1234) | {"pid": 999})  # a proof for another pid
+    assert "prove" in refusal(_info(port=9000))  # relayed from a worker on another port
+    assert refusal(_info(proof=None)) == "no pid or proof"
+    assert refusal(_info(pid=1)) == "no pid or proof"
+    assert "spec" in refusal(_info(spec_digest="other"))
+    assert refusal(None) == "no worker info"
+
+
+def test_a_pid_is_a_worker_only_if_its_command_line_says_so():
+    import os
+
+    assert not sv._is_worker_process(os.getpid(), "managed-m-8001")  # pytest, not a worker
+    assert not sv._is_worker_process(2**22 + 7, "managed-m-8001")  # no such process
+
+
+def test_children_get_their_secret_not_the_cluster_token(monkeypatch):
+    monkeypatch.setenv("ICHAT_WORKER_SECRET", "inherited")
+    worker = sv.ManagedWorker(ManagedWorkerSpec(model_name="m", model_path="/p", port=8001), gateway_url="x", settings=SETTINGS, child_secret="mine")
+    env = worker._env()
+    assert env["ICHAT_WORKER_SECRET"] == "mine"
+    assert "mine" not in " ".join(worker._argv())  # never on a command line other users can read

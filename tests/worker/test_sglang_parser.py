@@ -2,8 +2,9 @@
 
 Each case is a canonical (vLLM-named) command line. vLLM's own parser (in this venv) reads it as a
 vLLM worker would; the SGLang plugin's real parse path (translation table, then SGLang's
-``ServerArgs.add_cli_args`` / ``from_cli_args``) reads it in .venv-sglang-args, where SGLang 0.5.23
-is installed for its parser only (``make sglang-args-venv``). Both results are asserted.
+``ServerArgs.add_cli_args`` / ``from_cli_args``) reads it in .venv-sglang-args, once for each
+SGLang version the plugin supports (0.5.16, the oldest, and 0.5.23, the newest; each installed for
+its parser only, ``make sglang-args-venv``). Both results are asserted.
 
 Without that venv these tests fail, they do not skip: `make test` builds it first.
 """
@@ -24,8 +25,11 @@ import pytest
 from ichat.engines.args import TABLE
 
 REPO = Path(__file__).resolve().parents[2]
-SGLANG_PYTHON = Path(os.environ.get("ICHAT_SGLANG_ARGS_PYTHON", REPO / ".venv-sglang-args" / "bin" / "python"))
+SGLANG_VENV = Path(os.environ.get("ICHAT_SGLANG_ARGS_VENV", REPO / ".venv-sglang-args"))
+SGLANG_PYTHON = SGLANG_VENV / "bin" / "python"
 PROBE = Path(__file__).with_name("sglang_parser_probe.py")
+#: Oldest and newest supported (ichat.engines.sglang.SUPPORTED_VERSIONS); each in SGLANG_VENV/sglang-V.
+SGLANG_VERSIONS = ("0.5.16", "0.5.23")
 
 #: Table rows whose vLLM name the installed vLLM (0.32) no longer has: kept for older command lines.
 LEGACY_VLLM_FLAGS = {"swap-space"}
@@ -132,32 +136,38 @@ REFUSALS = [
 ]
 
 
-def run_sglang_parser(cases: list[tuple[list[str], list[str] | None]]) -> dict[str, Any]:
-    if not SGLANG_PYTHON.exists():
-        pytest.fail(f"{SGLANG_PYTHON} is missing: run `make sglang-args-venv` (scripts/setup_sglang_parser_venv.sh)")
+def run_sglang_parser(version: str, cases: list[tuple[list[str], list[str] | None]]) -> dict[str, Any]:
+    target = SGLANG_VENV / f"sglang-{version}"
+    if not SGLANG_PYTHON.exists() or not target.is_dir():
+        pytest.fail(f"{target} is missing: run `make sglang-args-venv` (scripts/setup_sglang_parser_venv.sh)")
     payload = json.dumps([{"argv": argv, "served_model_name": names} for argv, names in cases])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
     proc = subprocess.run(
-        [str(SGLANG_PYTHON), str(PROBE)],
+        [str(SGLANG_PYTHON), "-W", "ignore", str(PROBE)],
         input=payload,
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module")
-def sglang() -> dict[str, Any]:
-    """Every case through SGLang's parser in one subprocess (importing SGLang takes seconds)."""
+@pytest.fixture(scope="module", params=SGLANG_VERSIONS)
+def sglang(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every case through one SGLang version's parser in one subprocess (importing SGLang takes seconds)."""
     all_cases = [*CASES, PASSTHROUGH]
-    out = run_sglang_parser([(c.argv, c.served_model_name) for c in all_cases] + [(a, n) for _, a, n, _ in REFUSALS])
+    out = run_sglang_parser(
+        request.param, [(c.argv, c.served_model_name) for c in all_cases] + [(a, n) for _, a, n, _ in REFUSALS]
+    )
+    assert out["version"] == request.param, "the probe imported another SGLang than the one asked for"
     results = out["results"]
     return {
+        "version": out["version"],
         "options": set(out["options"]),
+        "api": out["api"],
         "cases": dict(zip([c.id for c in all_cases], results[: len(all_cases)], strict=True)),
         "refusals": dict(zip([r[0] for r in REFUSALS], results[len(all_cases) :], strict=True)),
     }
@@ -212,7 +222,19 @@ def test_sglang_refusals_exit_2_with_a_message(
 
 def test_every_sglang_name_in_the_table_exists_in_sglang(sglang: dict[str, Any]) -> None:
     missing = {f"--{name}" for row in TABLE for name in row.sglang} - sglang["options"]
-    assert not missing, f"not SGLang 0.5.23 flags: {sorted(missing)}"
+    assert not missing, f"not SGLang {sglang['version']} flags: {sorted(missing)}"
+
+
+def test_every_entry_point_of_the_plugin_exists_in_sglang(sglang: dict[str, Any]) -> None:
+    """Each of the plugin's API_LOCATIONS is defined where the table says, in this SGLang's source."""
+    missing = [name for name, where in sglang["api"].items() if where is None]
+    assert not missing, f"SGLang {sglang['version']} defines none of the locations listed for {missing}"
+
+
+def test_the_tested_versions_are_the_supported_ones() -> None:
+    from ichat.engines.sglang import SUPPORTED_VERSIONS
+
+    assert SGLANG_VERSIONS == SUPPORTED_VERSIONS
 
 
 def test_every_vllm_name_in_the_table_exists_in_vllm(vllm_parser: Any) -> None:

@@ -181,6 +181,10 @@ def test_a_broken_sglang_install_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
     def import_module(name: str) -> Any:
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # SGLang is "installed", but its imports fail
+        plugin.importlib.util, "find_spec", lambda name, *a: object() if name == "sglang" else real_find_spec(name, *a)
+    )
     monkeypatch.setattr(plugin.importlib, "import_module", import_module)
     with pytest.raises(EngineUnavailable, match="installed but cannot be imported"):
         plugin.SGLangEngineFactory().parse_args(["--model", "/x"])

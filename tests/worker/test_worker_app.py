@@ -54,3 +54,29 @@ async def test_no_gpu_means_no_gpu_series_and_loading_is_503(aiohttp_client):
         assert resp.status == 200 and "stub answer" in (await resp.text())
     finally:
         await state.engine.shutdown()
+
+
+async def test_info_answers_an_adoption_challenge_with_a_proof_never_the_secret(aiohttp_client):
+    import os
+
+    from ichat.protocol import child_proof
+
+    state, _factory, _spec, app = await make_app([])
+    state.child_secret = "the-secret"
+    client = await aiohttp_client(app)
+    info = await (await client.get("/info", params={"challenge": "abc"})).json()
+    assert info["proof"] == child_proof("the-secret", "abc", os.getpid(), state.options.port)
+    assert "the-secret" not in str(info)
+    assert "proof" not in await (await client.get("/info")).json()
+
+
+async def test_heartbeats_carry_the_childs_secret_instead_of_the_token():
+    from ichat.worker.heartbeat import HeartbeatAgent, build_payload
+
+    state, _factory, _spec, _app = await make_app([])
+    agent = HeartbeatAgent(state)
+    assert agent._headers() == {}
+    state.child_secret = "s3"
+    assert agent._headers() == {"Authorization": "Bearer s3", "X-IChat-Worker-Id": state.options.worker_id}
+    payload = await build_payload(state)
+    assert payload["worker_id"] == state.options.worker_id and "s3" not in str(payload)
