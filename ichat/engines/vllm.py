@@ -332,7 +332,8 @@ class VLLMEngine:
                 engine_request_id = f"embd-{ctx.request_id}"
             elif route in (RERANK, SCORE):
                 request = api.extra_requests[route].validate_python(body)
-                request.request_id = ctx.request_id
+                if hasattr(request, "request_id"):
+                    request.request_id = ctx.request_id
                 call, engine_request_id = state.serving_scores, f"score-{ctx.request_id}"
             elif route in (TRANSCRIPTIONS, TRANSLATIONS):
                 return await self._speech_to_text(route, body, ctx)
