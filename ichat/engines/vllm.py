@@ -89,6 +89,8 @@ class VLLMApi:
     create_error_response: Any
     #: request classes of the optional routes (None where this vLLM has none: route not offered)
     extra_requests: dict[str, Any] = attrs.Factory(dict)
+    #: vLLM's upload size check for audio, where this vLLM has one
+    read_upload_with_limit: Any = None
 
 
 #: Where each entry point lives, newest vLLM first; the first importable one wins.
@@ -159,10 +161,14 @@ def _load_api() -> VLLMApi:
             with contextlib.suppress(ImportError):
                 # ScoreRequest is a union: a TypeAdapter validates unions and classes alike
                 extra[route] = TypeAdapter(_first_attr(candidates))
+        read_limit = None
+        with contextlib.suppress(ImportError):
+            read_limit = _first_attr([("vllm.entrypoints.speech_to_text.base.utils", "read_upload_with_limit")])  # 0.32
         return VLLMApi(
             version=getattr(vllm, "__version__", "unknown"),
             create_error_response=_optional_error_factory(),
             extra_requests=extra,
+            read_upload_with_limit=read_limit,
             **found,
         )
     except ImportError as exc:
@@ -379,6 +385,9 @@ class VLLMEngine:
         else:
             call, prefix = state.openai_serving_translation.create_translation, "trsl"
         try:
+            if self._api.read_upload_with_limit is not None:
+                # vLLM's own size check (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB), as its FastAPI route does
+                await self._api.read_upload_with_limit(fields["file"])
             result = await call(upload.data, request, None)
         except Exception as exc:
             return self._translate_exception(exc)

@@ -202,3 +202,11 @@ def test_translation_and_bad_audio_are_openai_errors(gateway, whisper_worker):
     resp = httpx.post(gateway.base_url + "/v1/audio/transcriptions", data={"model": "whisper"}, files=files, timeout=60)
     assert resp.status_code == 400 and resp.json()["error"]["message"]
     wait_until(lambda: httpx.get(whisper_worker.base_url + "/health", timeout=5).status_code == 200, 10, what="worker healthy")
+
+
+def test_audio_over_vllms_file_size_limit_is_a_400(gateway, whisper_worker):
+    # 26 MB: under the gateway's 32 MB body limit and the worker's 64 MB, over vLLM's 25 MB
+    # VLLM_MAX_AUDIO_CLIP_FILESIZE_MB, which the worker applies as vLLM's own route does
+    files = {"file": ("long.wav", b"\0" * (26 * 2**20), "audio/wav")}
+    resp = httpx.post(gateway.base_url + "/v1/audio/transcriptions", data={"model": "whisper"}, files=files, timeout=60)
+    assert resp.status_code == 400 and "file size" in resp.json()["error"]["message"]
