@@ -1,6 +1,6 @@
 """A fast fake OpenAI upstream for benchmarks: raw asyncio protocol on uvloop, canned answers.
 
-    python benchmarks/fake_upstream.py --port 9100 [--chunks 64]
+    python benchmarks/fake_upstream.py --port 9100 [--chunks 64] [--interval 0]
 
 It must never be the bottleneck of a benchmark, so it does the least an HTTP/1.1 server can:
 it frames requests by ``Content-Length`` (keep-alive, pipelining-safe), looks for
@@ -12,6 +12,7 @@ it frames requests by ``Content-Length`` (keep-alive, pipelining-safe), looks fo
   ``data: [DONE]``, chunked-encoded like vLLM's. The headers and the first event go out at
   once; every further event is its own write on a later turn of the event loop, so a proxy
   sees a stream arriving in pieces (as from an engine emitting tokens), not one blob.
+  ``--interval S`` spaces the events S seconds apart instead (a soak's long-lived streams).
 * anything else: 404.
 
 Not a test double for behaviour (``tests/gateway/fakes.py`` is that): it never fails on purpose.
@@ -87,10 +88,11 @@ _STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    __slots__ = ("transport", "buf", "loop", "stream", "streaming", "pending")
+    __slots__ = ("transport", "buf", "loop", "stream", "streaming", "pending", "interval")
 
-    def __init__(self, stream: list[bytes]) -> None:
+    def __init__(self, stream: list[bytes], interval: float = 0.0) -> None:
         self.stream = stream
+        self.interval = interval
         self.buf = b""
         self.streaming = False
         self.pending = 0  # requests answered in the middle of a stream wait their turn
@@ -146,17 +148,20 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         transport.write(self.stream[i])
         if i + 1 < len(self.stream):
-            self.loop.call_soon(self._send_stream, i + 1)
+            if self.interval:
+                self.loop.call_later(self.interval, self._send_stream, i + 1)
+            else:
+                self.loop.call_soon(self._send_stream, i + 1)
         else:
             self.streaming = False
             if self.buf:
                 self._serve()
 
 
-async def serve(host: str, port: int, chunks: int) -> None:
+async def serve(host: str, port: int, chunks: int, interval: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     parts = stream_parts(chunks)
-    server = await loop.create_server(lambda: UpstreamProtocol(parts), host, port, backlog=1024, reuse_address=True)
+    server = await loop.create_server(lambda: UpstreamProtocol(parts, interval), host, port, backlog=1024, reuse_address=True)
     print(f"fake OpenAI upstream on http://{host}:{port}", flush=True)
     async with server:
         await server.serve_forever()
@@ -167,11 +172,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=64, help="SSE events per streamed answer (before [DONE])")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between SSE events (default: next loop turn)")
     args = parser.parse_args()
     import uvloop
 
     try:
-        uvloop.run(serve(args.host, args.port, args.chunks))
+        uvloop.run(serve(args.host, args.port, args.chunks, args.interval))
     except KeyboardInterrupt:
         pass
 

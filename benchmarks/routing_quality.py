@@ -83,22 +83,22 @@ WORDS = (
 # -- processes ---------------------------------------------------------------------------------
 
 
-def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, max_model_len: int):
+def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, max_model_len: int, args):
     gateway = GatewayProc(tmp, {"routing": {"policy": "round_robin"}, "logs": {"ring_lines": 200}})
     gateway.wait_up()
     workers = []
-    kv_bytes = kv_tokens * KV_BYTES_PER_TOKEN
+    kv_flags = ["--kv-cache-memory-bytes", str(kv_tokens * KV_BYTES_PER_TOKEN)] if kv_tokens else []
+    extra = args.worker_args.split()
     for i in range(replicas):
         workers.append(
             WorkerProc(
-                tmp, smollm2_path(), MODEL,
+                tmp, args.model_path or smollm2_path(), MODEL,
                 "--worker-id", f"replica-{i}", "--gateway-address", gateway.base_url,
                 "--heartbeat-interval", str(heartbeat_s), "--no-log-streaming",
-                "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
-                "--enable-prefix-caching",
+                "--max-model-len", str(max_model_len), *kv_flags, "--enable-prefix-caching", *extra,
                 # One core per replica on vLLM's CPU backend: two engines spinning on the same
                 # cores stall each other for seconds, which swamps what routing changes.
-                env={"VLLM_CPU_KVCACHE_SPACE": None, **cpu_binding(i)},
+                env={"VLLM_CPU_KVCACHE_SPACE": None, **(cpu_binding(i) if args.cpu_bind else {})},
             )
         )  # fmt: skip
     for worker in workers:
@@ -299,7 +299,7 @@ async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    model = smollm2_path()
+    model = args.model_path or smollm2_path()
     bench_args = parser.parse_args(
         [
             "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
@@ -393,7 +393,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ichat-routing-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         t0 = time.monotonic()
-        gateway, workers = start_cluster(tmp, args.replicas, args.kv_tokens, args.heartbeat, args.max_model_len)
+        gateway, workers = start_cluster(tmp, args.replicas, args.kv_tokens, args.heartbeat, args.max_model_len, args)
         stack.callback(gateway.stop)
         for w in workers:
             stack.callback(w.stop)
@@ -436,7 +436,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--kv-tokens", type=int, default=4096, help="KV cache per replica, in tokens")
+    parser.add_argument("--model-path", help="SmolLM2 checkpoint directory (default: the one `make models` builds)")
+    parser.add_argument("--kv-tokens", type=int, default=4096, help="KV cache per replica, in tokens (0: engine default)")
+    parser.add_argument(
+        "--worker-args", default="", help="more engine flags for every worker, e.g. on a GPU: "
+        "'--gpu-memory-utilization 0.4 --num-gpu-blocks-override 3000' (with --kv-tokens 0 --no-cpu-bind)"
+    )
+    parser.add_argument("--cpu-bind", action=argparse.BooleanOptionalAction, default=True, help="one core per replica")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--heartbeat", type=float, default=2.0, help="workers' heartbeat interval (s)")
     parser.add_argument("--routers", default=",".join(("round_robin", "least_inflight", "cache_aware", PEER)))

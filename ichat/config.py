@@ -93,6 +93,12 @@ def _api_base(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
         raise _Invalid(f"expected an http(s) URL like http://10.0.0.5:8000/v1, got {value!r}", attribute.name)
 
 
+def _ray_address(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    # What `ray start --head` prints for other nodes: HOST:PORT (or "auto": the local cluster).
+    if value is not None and value != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9.\-]+:\d{1,5}", value):
+        raise _Invalid(f"expected a Ray cluster address like 10.0.0.1:6379, got {value!r}", attribute.name)
+
+
 def _keys(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
     for key in value:
         if not key or key != key.strip() or any(c.isspace() for c in key):
@@ -158,7 +164,7 @@ class LeastInflightSettings:
     #: a request dispatched less than prefill_window_s ago counts 1 + this much (0 = plain count)
     prefill_weight: float = attrs.field(default=2.0, validator=_non_negative)
     #: about the engines' time to first token: how long a new request counts as in prefill
-    prefill_window_s: float = attrs.field(default=0.05, validator=_positive)
+    prefill_window_s: float = attrs.field(default=0.2, validator=_positive)
 
 
 @attrs.frozen
@@ -352,6 +358,9 @@ class ManagedWorkerSpec:
     backend: str = "vllm"
     #: GPUs handed to the worker through CUDA_VISIBLE_DEVICES
     gpu_ids: tuple[int, ...] = ()
+    #: the Ray cluster a multi-host worker joins (with distributed_executor_backend: ray), handed
+    #: to the worker as RAY_ADDRESS; the gateway starts no Ray process itself
+    ray_address: str | None = attrs.field(default=None, validator=_ray_address)
     host: str = "127.0.0.1"
     heartbeat_interval: float = attrs.field(default=3.0, validator=_positive)
     log_streaming: bool = True

@@ -25,7 +25,9 @@ torch_req=${SGLANG_ARGS_TORCH:-torch==2.13.0+cpu}
 deps=(numpy orjson psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq tqdm ipython aiohttp triton attrs
   # SGLang 0.5.16's server_args also imports its model configs (transformers, at its pin) and
   # tokenizer/grammar helpers; 0.5.23 imports these lazily.
-  transformers==5.12.1 dill openai partial_json_parser xgrammar sentencepiece)
+  transformers==5.12.1 dill openai partial_json_parser xgrammar sentencepiece
+  # and, where no accelerator is found (CI), its CPU path through the model and quantization configs
+  einops compressed_tensors gguf)
 
 stamp="$venv/.ichat-sglang-args"
 want="$(sha256sum "$0" | cut -c1-16)-${versions[*]}-$torch_req"
@@ -44,9 +46,6 @@ if ! "${pip[@]}" "$torch_req" 2> >(quiet); then
   "${pip[@]}" torch 2> >(quiet)
 fi
 "${pip[@]}" "${deps[@]}" 2> >(quiet)
-# An sglang installed into the venv itself (this script's first form) would shadow nothing (the
-# folders come first on PYTHONPATH) but would confuse a reader: remove it.
-"$venv/bin/python" -m pip uninstall -q -y sglang 2>/dev/null || true
 for v in "${versions[@]}"; do
   target="$venv/sglang-$v"
   rm -rf "$target"

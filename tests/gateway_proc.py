@@ -19,10 +19,12 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 class GatewayProc(Proc):
     def __init__(
-        self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway", host: str = "127.0.0.1"
+        self, tmp_dir: Path, config: dict[str, Any], *, port: int | None = None, name: str = "gateway",
+        host: str = "127.0.0.1", env: dict[str, str] | None = None,
     ) -> None:
         """``host`` is the listen address (``0.0.0.0`` to be reached from a test's network
-        namespace); this machine's tests reach it at 127.0.0.1 either way."""
+        namespace); this machine's tests reach it at 127.0.0.1 either way. ``env`` is added to
+        the gateway's environment, which its managed workers inherit."""
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_dir / f"{name}.yaml"
@@ -33,7 +35,7 @@ class GatewayProc(Proc):
         self.config = config
         write_yaml(self.config_path, config)
         argv = [sys.executable, "-m", "ichat.gateway", "--config", str(self.config_path)]
-        super().__init__(argv, tmp_dir / f"{name}-{self.port}.log")
+        super().__init__(argv, tmp_dir / f"{name}-{self.port}.log", env)
 
     def wait_up(self, timeout: float = 30.0) -> None:
         def up() -> bool:

@@ -105,18 +105,23 @@ class NetnsHost:
     def link_up(self) -> None:
         _run("ip", "link", "set", self.host_if, "up")
 
-    def drop_packets(self, direction: str = "both") -> None:
+    def drop_packets(self, direction: str = "both", *, dport: int | None = None) -> None:
         """Drop this link's packets with an nftables rule in our namespace (Debian's nftables;
         this kernel has no netem): 'out' = root -> namespace, 'in' = the reverse, 'both'.
-        The link stays up, so senders see silence, not an error."""
+        The link stays up, so senders see silence, not an error.
+
+        With ``dport``, only TCP packets to that port: connections opened towards it in that
+        direction go silent (both ways, as TCP needs both), connections the other way stay
+        fine. 'in' with the gateway's port cuts a worker's heartbeats and nothing else."""
         table = self._nft_table
+        match = ["tcp", "dport", str(dport)] if dport is not None else []
         _run("nft", "add", "table", "inet", table)
         if direction in ("out", "both"):
             _run("nft", "add", "chain", "inet", table, "out", "{ type filter hook output priority 0; }")
-            _run("nft", "add", "rule", "inet", table, "out", "oifname", self.host_if, "drop")
+            _run("nft", "add", "rule", "inet", table, "out", "oifname", self.host_if, *match, "drop")
         if direction in ("in", "both"):
             _run("nft", "add", "chain", "inet", table, "in", "{ type filter hook input priority 0; }")
-            _run("nft", "add", "rule", "inet", table, "in", "iifname", self.host_if, "drop")
+            _run("nft", "add", "rule", "inet", table, "in", "iifname", self.host_if, *match, "drop")
 
     def restore_packets(self) -> None:
         _run("nft", "delete", "table", "inet", self._nft_table, check=False)

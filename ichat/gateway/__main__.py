@@ -11,6 +11,13 @@ for nobody. With it, the handler is cancelled at once and the proxy's ``finally`
 upstream connection, which the worker sees and aborts on. The proxy keeps every step that must survive
 cancellation (in-flight counts, breaker state) synchronous in ``finally`` blocks, and still
 handles a failed write for servers run without cancellation.
+
+Why SIGTERM drains before ``runner.cleanup()``: aiohttp's graceful stop first marks every
+connection closing, and from then on drops whatever else arrives on it (aiohttp #2298), so a
+request whose head had arrived but whose body was still on the wire hangs until the shutdown
+timeout and is then cut off. So the gateway stops listening, ends log streams, answers what is
+in flight (each answer with ``Connection: close``, so clients take their next request
+elsewhere) and only then runs aiohttp's stop.
 """
 
 from __future__ import annotations
@@ -29,10 +36,49 @@ from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.app import build_app
 from ichat.gateway.auth import describe_access
 from ichat.gateway.connections import GatewayRunner
+from ichat.gateway.progress import show_progress
+from ichat.logs.sse import STREAMS_KEY
 
 log = logging.getLogger("ichat.gateway")
 
 SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class Drain:
+    """Counts requests in flight; once draining, every answer closes its connection and
+    ``idle()`` returns when none is left. One per serve()."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
+
+    async def on_response_prepare(self, _request: web.Request, response: web.StreamResponse) -> None:
+        if self.draining:
+            # This hook runs after aiohttp chose the Connection header, so say it here too.
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+    async def idle(self, timeout: float) -> bool:
+        """Start draining; True when every request in flight finished within ``timeout``."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +99,9 @@ async def serve(config: GatewayConfig, host: str, port: int, config_path: str | 
         loop.add_signal_handler(sig, stop.set)
 
     app = build_app(config, config_path=config_path)
+    drain = Drain()
+    app.middlewares.append(drain.middleware)
+    app.on_response_prepare.append(drain.on_response_prepare)
     debug = config.server_settings.log_level == "debug"
     runner = GatewayRunner(
         app,
@@ -74,8 +123,15 @@ async def serve(config: GatewayConfig, host: str, port: int, config_path: str | 
         # Managed workers run on this machine: they reach us on loopback unless we bound one address.
         local = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         await app[CONTROL_KEY].start_managed(f"http://{local}:{actual_port}")
-        await stop.wait()
-        log.info("iChat gateway stopping")
+        async with show_progress(app, f"http://{local}:{actual_port}"):  # ichat.gateway.progress
+            await stop.wait()
+        log.info("iChat gateway stopping: no new connections; finishing %d request(s) in flight", drain.inflight)
+        for running in list(runner.sites):
+            await running.stop()
+        if STREAMS_KEY in app:
+            app[STREAMS_KEY].close_all()  # log streams never end by themselves
+        if not await drain.idle(SHUTDOWN_TIMEOUT_S):
+            log.warning("%d request(s) still running after %gs; stopping anyway", drain.inflight, SHUTDOWN_TIMEOUT_S)
     finally:
         await runner.cleanup()
 

@@ -32,6 +32,7 @@ from ichat.gateway.admin import CONTROL_KEY
 from ichat.gateway.admin import add_routes as add_admin_routes
 from ichat.gateway.auth import Authenticator
 from ichat.gateway.childkeys import ChildKeys
+from ichat.gateway.console import setup_console
 from ichat.gateway.control import ControlPlane
 from ichat.gateway.logs import setup_logs
 from ichat.gateway.metrics import METRICS_KEY, GatewayMetrics, metrics_handler
@@ -143,6 +144,7 @@ def build_app(
     router.add_get("/health", health)
     router.add_get("/metrics", metrics_handler)
     add_admin_routes(app)
+    setup_console(app, admin_open=lambda: not auth.required_keys("/v1/admin/"))  # /ui
     return app
 
 

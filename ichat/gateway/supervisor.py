@@ -287,6 +287,8 @@ class ManagedWorker:
         env = dict(os.environ)
         if self.spec.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.spec.gpu_ids)
+        if self.spec.ray_address:
+            env["RAY_ADDRESS"] = self.spec.ray_address  # vLLM's Ray executor joins this cluster
         env["ICHAT_SPEC_DIGEST"] = self.digest
         env["PYTHONUNBUFFERED"] = "1"
         if self.child_secret:

@@ -18,7 +18,9 @@ member of the group waits for the others' prefills: TTFT grows with the group's 
 Round robin splits each group over the pool. Counting a just-dispatched request as
 ``1 + prefill_weight`` until its prefill is likely done spreads such a group as round robin
 would, and still steers by load once the group is decoding. The window is a time because the
-gateway never sees where prefill ends (a stream's head comes back before its first token).
+gateway never sees where prefill ends (a stream's head comes back before its first token); it
+should cover the engines' time to first token under load (0.2 s by default; at 0.05 s, shorter
+than that, the fix did nothing in ``benchmarks/least_inflight_herding.py``).
 
 :class:`DispatchLoad` is shared with the policies that fall back to "least loaded"
 (cache_aware, session_affinity). Pure: the clock is injected.

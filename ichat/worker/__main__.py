@@ -17,6 +17,7 @@ from ichat.errors import EngineUnavailable
 from ichat.logs.hub import LogHub
 from ichat.worker.app import DRAINING, ERROR, READY, WorkerState, build_app, take_child_secret
 from ichat.worker.cli import WorkerOptions, build_parser, parse_worker_args
+from ichat.worker.enginewatch import watch_engine
 from ichat.worker.logcapture import FdCapture
 
 log = logging.getLogger("ichat.worker")
@@ -78,8 +79,22 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
             "iChat worker ready: model %s at http://%s:%d/v1", spec.served_model_names[0], options.dial_host, options.port
         )
 
+    def engine_died(reason: str) -> None:
+        # A dead rank (a crashed process, a lost Ray node) leaves nothing to serve with: report
+        # it (the stop path below sends one more beat, state "error"), then exit non-zero so a
+        # supervisor starts a fresh engine.
+        nonlocal exit_code
+        state.phase, state.error = ERROR, reason
+        log.error("%s; stopping so that the worker can be restarted", reason)
+        if agent is not None:
+            agent.poke()
+        exit_code = 1
+        stop.set()
+
     engine_task = asyncio.create_task(start_engine(), name="engine-start")
+    watch_task = asyncio.create_task(watch_engine(state, engine_died), name="engine-watch")
     await stop.wait()
+    watch_task.cancel()
 
     loading = not engine_task.done()
     if state.phase == READY:

@@ -47,6 +47,8 @@ CONTEXT = "2048"
 MAX_TOTAL_TOKENS = "200000"  # one KV pool size for both, whatever each one finds free at start
 BACKENDS = {"attention_backend": "triton", "sampling_backend": "pytorch"}
 WORKLOADS = {"c1": (1, 32), "c64": (64, 512)}
+#: vLLM's Python files for the client (install_on_device.sh), kept off the servers' import path.
+VLLM_BENCH_DIR = os.environ.get("VLLM_BENCH_DIR", "/tmp/vllm-bench")
 
 GATEWAY_YAML = """\
 # Written by scripts/sglang_gpu/bench.py: the gateway with one managed SGLang worker on GPU 0.
@@ -141,8 +143,28 @@ def wait_all(servers: dict[str, tuple[Server, int]], deadline: float) -> dict[st
     return ready
 
 
+def greedy_answers(port: int) -> dict[str, str]:
+    """The same greedy questions to each server, fresh (no cached prefix), before any load."""
+    got = {}
+    for label, path, body in (
+        ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+        ("chat-2", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Name three primary colors."}]}),
+        ("completion", "/v1/completions", {"prompt": "The capital of France is"}),
+    ):
+        status, raw = http("POST", f"http://127.0.0.1:{port}{path}",
+                           {"model": NAME, "temperature": 0, "max_tokens": 24, **body}, timeout=60)  # fmt: skip
+        try:
+            choice = json.loads(raw)["choices"][0]
+            got[label] = f"{status} " + (choice.get("message", {}).get("content") or choice.get("text") or "")
+        except (ValueError, KeyError, IndexError):
+            got[label] = f"{status} {raw[:200]!r}"
+    return got
+
+
 def bench(model: str, port: int, concurrency: int, prompts: int, seed: int, label: str) -> dict[str, Any]:
     """One batch of `vllm bench serve` (vllm.benchmarks.serve, as its CLI subcommand runs it)."""
+    if VLLM_BENCH_DIR not in sys.path:  # the client only: the servers were started without it
+        sys.path.insert(0, VLLM_BENCH_DIR)
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -203,6 +225,7 @@ def main() -> int:
     parser.add_argument("--model", default="/root/smol")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/sglang-bench")))
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--deadline", type=float, default=time.time() + 570, help="epoch seconds: stop by then")
     ns = parser.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +252,9 @@ def main() -> int:
             {"sglang": (servers["sglang"], PORTS["sglang"]), "gateway": (servers["gateway"], PORTS["gateway"])},
             ns.deadline - 120,
         )
+        summary["answers"] = {t: greedy_answers(PORTS[t]) for t in PORTS}
+        for target, got in summary["answers"].items():
+            say(f"{target:8s} greedy answers: {got}")
         for target in PORTS:  # warm-up batch each (not counted)
             bench(ns.model, PORTS[target], 16, 64, 999, target)
         say("warmed up")
@@ -240,7 +266,8 @@ def main() -> int:
             if rnd and time.time() + per_round * 1.15 > ns.deadline - 45:
                 say(f"stopping after {rnd} rounds: the next would pass the deadline")
                 break
-            for wl, (conc, prompts) in WORKLOADS.items():
+            for wl in ns.workloads:
+                conc, prompts = WORKLOADS[wl]
                 for target in order:
                     row = bench(ns.model, PORTS[target], conc, prompts, seed, target)
                     rows.append(row)

@@ -9,10 +9,12 @@ cd /root
 ls -la parts
 cat parts/p* > bundle.tar && mkdir -p b && tar xf bundle.tar -C b && rm -rf bundle.tar parts
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" b/deps/*.whl
+# The bench client's vLLM goes into its own folder, which only bench.py puts on its path: SGLang
+# imports vLLM where it finds one (quantization helpers), and the servers under test must not.
 python3 - "$site" <<'EOF'
 import sys, zipfile
-for name in ("sgl-kernel-trim.zip", "vllm-bench.zip"):
-    zipfile.ZipFile(f"/root/b/{name}").extractall(sys.argv[1])
+zipfile.ZipFile("/root/b/sgl-kernel-trim.zip").extractall(sys.argv[1])
+zipfile.ZipFile("/root/b/vllm-bench.zip").extractall("/tmp/vllm-bench")
 EOF
 cd - >/dev/null
 # iChat finds its engines and routing policies through entry points: register the checkout.
@@ -46,17 +48,19 @@ model_pid=$!
 # What the serving path loads, before any server starts: the kernels (Hopper build), SGLang, the
 # plugin's entry points in this SGLang, and the bench client.
 python3 -W ignore - <<'EOF'
-import importlib, torch
-import sgl_kernel, sglang, transformers, tokenizers, xgrammar, tvm_ffi, flashinfer
+import importlib.metadata as md
+import torch
+import sgl_kernel, sglang  # noqa: F401  (the Hopper ops load here)
 from ichat.engines import installed_engines
 from ichat.engines import sglang as plugin
 print("torch", torch.__version__, torch.cuda.get_device_name(0), "cc", torch.cuda.get_device_capability(0))
-print("sglang", sglang.__version__, "sgl_kernel", sgl_kernel.__version__, "transformers", transformers.__version__,
-      "tokenizers", tokenizers.__version__, "xgrammar", xgrammar.__version__, "tvm_ffi", tvm_ffi.__version__,
-      "flashinfer", flashinfer.__version__)
+print({d: md.version(d) for d in ("sglang", "sglang-kernel", "transformers", "tokenizers", "xgrammar",
+                                  "apache-tvm-ffi", "flashinfer-python", "triton")})
 print("iChat engines:", installed_engines())
 for name in plugin.API_LOCATIONS:
     print(f"  {name:24s} <- {plugin.sglang_api(name).__module__}")
+import sys
+sys.path.insert(0, "/tmp/vllm-bench")
 from vllm.benchmarks.serve import add_cli_args, main  # noqa: F401  (the `vllm bench serve` client)
 print("vllm.benchmarks.serve importable")
 EOF

@@ -2,8 +2,8 @@
 
 A real gateway and two real vLLM workers that register by heartbeat; the OpenAI SDK as client.
 Each replica's KV cache holds about 1,400 tokens (11 blocks of 128 on vLLM's CPU backend): five
-tenants' system prompts (~300 tokens, two to three blocks each) fit across the two replicas but
-not in one. Requests cycle through the tenants in turn.
+tenants' prompts (~390 tokens, three whole blocks each: 15 blocks) fit across the two replicas
+but not in one. Requests cycle through the tenants in turn.
 round_robin sends every tenant to both replicas in alternation (5 is odd), so each replica
 cycles through all five prompts and its LRU prefix cache keeps evicting what comes next;
 cache_aware keeps each tenant on one replica, where its prompt stays cached. The engines' own
@@ -77,7 +77,7 @@ def run_phase(gateway: GatewayProc, workers: list[WorkerProc], policy: str, seed
     httpx.post(gateway.base_url + "/v1/admin/config/reload", timeout=30).raise_for_status()
     rng = random.Random(seed)
     systems = [
-        f"You are the assistant of tenant {t} (phase {seed}). Handbook: " + " ".join(rng.choice(WORDS) for _ in range(200))
+        f"You are the assistant of tenant {t} (phase {seed}). Handbook: " + " ".join(rng.choice(WORDS) for _ in range(360))
         for t in range(TENANTS)
     ]
     client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)

@@ -23,6 +23,7 @@ import attrs
 import pytest
 
 from ichat.engines.args import TABLE
+from tests.procs import models_dir, smollm2_path
 
 REPO = Path(__file__).resolve().parents[2]
 SGLANG_VENV = Path(os.environ.get("ICHAT_SGLANG_ARGS_VENV", REPO / ".venv-sglang-args"))
@@ -45,13 +46,26 @@ class Case:
     warnings: tuple[str, ...] = ()  # flags that must be reported as ignored
 
 
-M = ["--model", "/models/smol"]
+#: A real model directory: SGLang 0.5.16 reads the model's config while it parses (0.5.23 does not).
+MODEL = str(models_dir() / "smollm2-135m-instruct")
+M = ["--model", MODEL]
+
+
+@attrs.frozen
+class Unset:
+    """A field the translation leaves alone: SGLang 0.5.23's parser keeps it unset (None) and
+    0.5.16's resolves it while parsing, to ``resolved_0516``."""
+
+    resolved_0516: Any
+
+    def expected(self, version: str) -> Any:
+        return self.resolved_0516 if version == "0.5.16" else None
 
 CASES = [
     Case("defaults", M,
-         {"model": "/models/smol", "enable_prefix_caching": None, "enforce_eager": False},
-         {"model_path": "/models/smol", "disable_radix_cache": False, "disable_decode_cuda_graph": False,
-          "enable_metrics": True, "tp_size": 1, "served_model_name": None}),
+         {"model": MODEL, "enable_prefix_caching": None, "enforce_eager": False},
+         {"model_path": MODEL, "disable_radix_cache": False, "disable_decode_cuda_graph": False,
+          "enable_metrics": True, "tp_size": 1, "served_model_name": Unset(MODEL)}),
     Case("gpu-memory", [*M, "--gpu-memory-utilization", "0.8"],
          {"gpu_memory_utilization": 0.8}, {"mem_fraction_static": 0.8}),
     Case("tp", [*M, "--tensor-parallel-size", "2"], {"tensor_parallel_size": 2}, {"tp_size": 2}),
@@ -103,7 +117,7 @@ CASES = [
          {"hf_overrides": {"rope_theta": 1000}}, {"json_model_override_args": '{"rope_theta": 1000}'}),
     Case("served-name-from-the-worker", M, {}, {"served_model_name": "smol"}, served_model_name=["smol"]),
     Case("vllm-only-knobs", [*M, "--block-size", "32", "--disable-log-stats"],
-         {"block_size": 32, "disable_log_stats": True}, {"page_size": None},
+         {"block_size": 32, "disable_log_stats": True}, {"page_size": Unset(1)},
          warnings=("--block-size", "--disable-log-stats")),
 ]  # fmt: skip
 
@@ -137,6 +151,7 @@ REFUSALS = [
 
 
 def run_sglang_parser(version: str, cases: list[tuple[list[str], list[str] | None]]) -> dict[str, Any]:
+    smollm2_path()  # fails with how to build it when missing
     target = SGLANG_VENV / f"sglang-{version}"
     if not SGLANG_PYTHON.exists() or not target.is_dir():
         pytest.fail(f"{target} is missing: run `make sglang-args-venv` (scripts/setup_sglang_parser_venv.sh)")
@@ -206,6 +221,8 @@ def test_sglang_reads_the_translation(case: Case, sglang: dict[str, Any]) -> Non
     assert result["ok"], result.get("stderr", "")[-2000:]
     fields = result["fields"]
     for name, expected in case.sglang.items():
+        if isinstance(expected, Unset):
+            expected = expected.expected(sglang["version"])
         assert fields[name] == expected, f"SGLang {name} from {result['argv']}"
     assert [w.split(":")[0] for w in result["warnings"]] == list(case.warnings)
 

@@ -190,6 +190,41 @@ def test_a_broken_sglang_install_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
         plugin.SGLangEngineFactory().parse_args(["--model", "/x"])
 
 
+@pytest.mark.parametrize(
+    ("version", "warns"),
+    [("0.5.16", False), ("0.5.20", False), ("0.5.23", False), ("0.5.15", True), ("0.5.24", True), ("0.6.0rc1", True)],
+)
+def test_sglang_outside_the_checked_versions_is_used_with_a_warning(
+    version: str, warns: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        plugin.importlib.util, "find_spec", lambda name, *a: object() if name == "sglang" else real_find_spec(name, *a)
+    )
+
+    class ServerArgs:  # what the entry-point table resolves to; its contents do not matter here
+        pass
+
+    monkeypatch.setattr(plugin, "sglang_api", lambda name: ServerArgs)
+    monkeypatch.setattr(plugin, "sglang_version", lambda: version)
+    with caplog.at_level("WARNING", logger="ichat.engines.sglang"):
+        assert plugin._import_server_args() is ServerArgs
+    warned = [r.getMessage() for r in caplog.records if "outside the versions" in r.getMessage()]
+    assert bool(warned) is warns, warned
+    if warns:
+        assert version in warned[0] and "0.5.16 to 0.5.23" in warned[0]
+
+
+def test_a_missing_entry_point_names_the_version_and_every_place_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(plugin.API_LOCATIONS, "Nowhere", [("ichat.no_such_module", "X"), ("ichat.errors", "NoSuchName")])
+    monkeypatch.setattr(plugin, "sglang_version", lambda: "0.5.16")
+    with pytest.raises(ImportError) as info:
+        plugin.sglang_api("Nowhere")
+    message = str(info.value)
+    assert "SGLang 0.5.16 has no Nowhere" in message
+    assert "ichat.no_such_module.X" in message and "ichat.errors.NoSuchName" in message
+
+
 # --- the request path, up to the engine call --------------------------------------------------
 
 

@@ -1,0 +1,137 @@
+"""least_inflight under a closed loop, against round robin, on engine-like fake upstreams.
+
+    python benchmarks/least_inflight_herding.py [--requests 640] [--concurrency 32] [--rounds 2] [--sweep]
+
+Issue 17 measured ``least_inflight`` at 2.2-2.7x round robin's TTFT p50 on an H200 at equal hit
+rate and split. This reproduces the mechanism without an engine or a GPU: two
+``batching_upstream.py`` processes (a continuous-batching scheduler in real time: fixed step time
+plus prefill time per token, chunked prefill, ~47 % prefix hits), the real gateway in front of
+them (static routes, so no reported load is involved), and a closed-loop client (fixed
+concurrency, 64 output tokens each, a new request the moment one ends), as ``vllm bench serve``
+drives a server. Routers, switched by config reload, in rotating order:
+``round_robin``, ``least_inflight`` with ``prefill_weight: 0`` (the policy before the fix) and
+``least_inflight`` (the fix). Reported: TTFT p50/p90 (to the first token), the split, and the
+upstreams' own trace of arrivals: how many new requests each admitting step took in (mean, and
+the share of steps that took in 4 or more). Herding shows as bigger arrival groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.gateway_proc import GatewayProc, write_yaml  # noqa: E402
+from tests.procs import Proc, free_port, wait_until  # noqa: E402
+
+ROUTERS = {
+    "round_robin": {"policy": "round_robin"},
+    "least_inflight_plain": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 0}},
+    "least_inflight": {"policy": "least_inflight"},
+}
+#: --sweep: the fix's two settings around their defaults (weight 2, window 0.2 s)
+SWEEP = {
+    "li_window_0.05": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 2, "prefill_window_s": 0.05}},
+    "li_weight_4": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 4, "prefill_window_s": 0.2}},
+    "li_weight_8_window_0.5": {"policy": "least_inflight", "least_inflight": {"prefill_weight": 8, "prefill_window_s": 0.5}},
+}
+
+
+async def one(session: aiohttp.ClientSession, url: str, out: int) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    ttft = None
+    async with session.post(url, json={"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": out, "stream": True}) as resp:
+        upstream = resp.headers.get("X-Upstream", "")
+        async for line in resp.content:
+            if ttft is None and line.startswith(b"data: {"):
+                ttft = time.perf_counter() - t0
+    return (ttft if ttft is not None else float("nan")), upstream
+
+
+async def closed_loop(url: str, n: int, concurrency: int, out: int) -> list[float]:
+    todo = iter(range(n))
+    ttfts: list[float] = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for _ in todo:
+            ttft, _ = await one(session, url, out)
+            ttfts.append(ttft)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return ttfts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=640)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--upstream-args", default="", help="flags for batching_upstream.py")
+    parser.add_argument("--sweep", action="store_true", help="also other values of the fix's settings")
+    args = parser.parse_args()
+    if args.sweep:
+        ROUTERS.update(SWEEP)
+    results: dict[str, list[dict]] = {name: [] for name in ROUTERS}
+    with tempfile.TemporaryDirectory(prefix="ichat-herding-") as tmp_name:
+        tmp = Path(tmp_name)
+        ports = [free_port(), free_port()]
+        ups = [
+            Proc([sys.executable, str(HERE / "batching_upstream.py"), "--port", str(p), "--seed", str(i), *args.upstream_args.split()], tmp / f"up{i}.log")
+            for i, p in enumerate(ports)
+        ]
+        gateway = GatewayProc(tmp, {"routes": [{"model_name": "m", "api_base": f"http://127.0.0.1:{p}/v1"} for p in ports], "routing": {"policy": "round_robin"}})
+        try:
+            for p in ports:
+                wait_until(lambda p=p: httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200, 30, what="upstream")
+            gateway.wait_up()
+            names = list(ROUTERS)
+            for round_no in range(args.rounds):
+                order = names[round_no % len(names):] + names[: round_no % len(names)]
+                for name in order:
+                    write_yaml(gateway.config_path, dict(gateway.config, routing=ROUTERS[name]))
+                    httpx.post(gateway.base_url + "/v1/admin/config/reload", timeout=30).raise_for_status()
+                    for p in ports:
+                        httpx.get(f"http://127.0.0.1:{p}/stats", timeout=5)  # reset
+                    t0 = time.perf_counter()
+                    ttfts = asyncio.run(closed_loop(gateway.base_url + "/v1/chat/completions", args.requests, args.concurrency, args.output_tokens))
+                    elapsed = time.perf_counter() - t0
+                    admitted = [httpx.get(f"http://127.0.0.1:{p}/stats", timeout=5).json()["admitted_per_step"] for p in ports]
+                    groups = [g for a in admitted for g in a]
+                    ttfts.sort()
+                    r = {
+                        "p50": statistics.median(ttfts) * 1000,
+                        "p90": ttfts[int(0.9 * len(ttfts))] * 1000,
+                        "split": [sum(a) for a in admitted],
+                        "group_mean": statistics.fmean(groups),
+                        "groups_4plus": sum(g >= 4 for g in groups) / len(groups),
+                        "req_s": len(ttfts) / elapsed,
+                    }
+                    results[name].append(r)
+                    print(f"round {round_no} {name:<22} TTFT p50 {r['p50']:.0f} ms p90 {r['p90']:.0f} ms, split {r['split']}, "
+                          f"arrivals per admitting step {r['group_mean']:.2f} (>= 4: {r['groups_4plus']:.0%}), {r['req_s']:.1f} req/s", flush=True)
+        finally:
+            gateway.stop()
+            for up in ups:
+                up.stop()
+    print(f"\n{'router':<22}{'TTFT p50 ms':>12}{'p90':>8}{'arrivals/step':>15}{'>=4':>7}{'req/s':>8}")
+    for name, rs in results.items():
+        med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        print(f"{name:<22}{med('p50'):>12.0f}{med('p90'):>8.0f}{med('group_mean'):>15.2f}{med('groups_4plus'):>7.0%}{med('req_s'):>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
