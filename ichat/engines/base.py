@@ -5,7 +5,8 @@ knows only this module: it hands the factory the flags it did not consume, gets 
 :class:`EngineSpec` (parsed by the engine's own parser, so a wrong flag fails with the engine's
 own message), then starts an :class:`Engine` and routes OpenAI requests to it.
 
-Requests reach the engine as the parsed JSON body plus a :class:`RequestContext`; answers come
+Requests reach the engine as the parsed JSON body (for multipart routes: the form's fields,
+the file as an :class:`UploadedFile`) plus a :class:`RequestContext`; answers come
 back as a :class:`JSONResult` (status + ready bytes) or a :class:`StreamResult` (ready SSE
 chunks). The worker never re-encodes what the engine produced.
 """
@@ -21,7 +22,46 @@ import attrs
 CHAT = "chat_completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
-ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS)
+RERANK = "rerank"
+SCORE = "score"
+TRANSCRIPTIONS = "audio_transcriptions"
+TRANSLATIONS = "audio_translations"
+ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RERANK, SCORE, TRANSCRIPTIONS, TRANSLATIONS)
+
+#: The path of each route on a worker (and on the gateway, which relays them as they are).
+ROUTE_PATHS: dict[str, str] = {
+    CHAT: "/v1/chat/completions",
+    COMPLETIONS: "/v1/completions",
+    EMBEDDINGS: "/v1/embeddings",
+    RERANK: "/v1/rerank",
+    SCORE: "/v1/score",
+    TRANSCRIPTIONS: "/v1/audio/transcriptions",
+    TRANSLATIONS: "/v1/audio/translations",
+}
+#: Routes whose body is multipart/form-data (an uploaded file) rather than JSON.
+MULTIPART_ROUTES = frozenset({TRANSCRIPTIONS, TRANSLATIONS})
+
+#: A kind that is not a route of its own: chat messages may carry images (``image_url`` parts).
+IMAGE_INPUT = "image_input"
+#: Every kind a worker may report: its routes, plus what its chat route accepts besides text.
+KINDS = (*ROUTES, IMAGE_INPUT)
+
+
+def engine_kinds(engine: Any) -> frozenset[str]:
+    """What ``engine`` serves: its own ``kinds()`` when it has one (routes plus input kinds such
+    as :data:`IMAGE_INPUT`), else its routes. Plugins written before kinds existed keep working."""
+    kinds = getattr(engine, "kinds", None)
+    return frozenset(kinds()) if callable(kinds) else frozenset(engine.supported_routes())
+
+
+@attrs.frozen
+class UploadedFile:
+    """A file part of a multipart request (audio for the transcription routes), already read
+    whole by the worker within its body limit."""
+
+    filename: str
+    content_type: str
+    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
 
 
 @attrs.frozen
@@ -82,6 +122,9 @@ class Engine(Protocol):
     spec: EngineSpec
 
     def supported_routes(self) -> frozenset[str]: ...
+
+    # Optional: ``def kinds(self) -> frozenset[str]`` -- the routes plus input kinds such as
+    # IMAGE_INPUT; read through :func:`engine_kinds`, which falls back to the routes.
 
     async def handle(self, route: str, body: dict[str, Any], ctx: RequestContext) -> Result: ...
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import io
 import logging
 import types
 from collections.abc import AsyncIterator
@@ -34,12 +35,18 @@ from ichat.engines.base import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    IMAGE_INPUT,
+    RERANK,
+    SCORE,
+    TRANSCRIPTIONS,
+    TRANSLATIONS,
     EngineLoad,
     EngineSpec,
     JSONResult,
     RequestContext,
     Result,
     StreamResult,
+    UploadedFile,
 )
 from ichat.errors import EngineUnavailable, error_body
 
@@ -80,6 +87,10 @@ class VLLMApi:
     EmbeddingRequest: Any
     ErrorResponse: Any
     create_error_response: Any
+    #: request classes of the optional routes (None where this vLLM has none: route not offered)
+    extra_requests: dict[str, Any] = attrs.Factory(dict)
+    #: vLLM's upload size check for audio, where this vLLM has one
+    read_upload_with_limit: Any = None
 
 
 #: Where each entry point lives, newest vLLM first; the first importable one wins.
@@ -118,6 +129,15 @@ API_LOCATIONS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+#: Request classes of the routes beyond chat/completions/embeddings; a route whose class is
+#: missing in this vLLM is simply not offered. (Locations seen in 0.32.)
+EXTRA_REQUEST_LOCATIONS: dict[str, list[tuple[str, str]]] = {
+    RERANK: [("vllm.entrypoints.pooling.scoring.protocol", "RerankRequest")],
+    SCORE: [("vllm.entrypoints.pooling.scoring.protocol", "ScoreRequest")],
+    TRANSCRIPTIONS: [("vllm.entrypoints.speech_to_text.transcription.protocol", "TranscriptionRequest")],
+    TRANSLATIONS: [("vllm.entrypoints.speech_to_text.translation.protocol", "TranslationRequest")],
+}
+
 #: Optional: without it, exceptions map to 400/500 by type (see ``VLLMEngine._translate_exception``).
 ERROR_FACTORY_LOCATIONS: list[tuple[str, str]] = [
     ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),  # 0.32
@@ -136,9 +156,19 @@ def _load_api() -> VLLMApi:
         found = {name: _first_attr(candidates) for name, candidates in API_LOCATIONS.items()}
         # A union type in recent vLLM: validate through a TypeAdapter in every version.
         found["EmbeddingRequest"] = TypeAdapter(found["EmbeddingRequest"])
+        extra = {}
+        for route, candidates in EXTRA_REQUEST_LOCATIONS.items():
+            with contextlib.suppress(ImportError):
+                # ScoreRequest is a union: a TypeAdapter validates unions and classes alike
+                extra[route] = TypeAdapter(_first_attr(candidates))
+        read_limit = None
+        with contextlib.suppress(ImportError):
+            read_limit = _first_attr([("vllm.entrypoints.speech_to_text.base.utils", "read_upload_with_limit")])  # 0.32
         return VLLMApi(
             version=getattr(vllm, "__version__", "unknown"),
             create_error_response=_optional_error_factory(),
+            extra_requests=extra,
+            read_upload_with_limit=read_limit,
             **found,
         )
     except ImportError as exc:
@@ -197,6 +227,8 @@ class VLLMEngine:
         self._client: Any = None
         self._state = types.SimpleNamespace()
         self._stats_task: asyncio.Task[None] | None = None
+        #: "en" for an English-only speech model (Whisper ``*.en``), else None; see start()
+        self._english_only_speech: str | None = None
 
     async def start(self) -> None:
         args = self.spec.engine_args
@@ -209,6 +241,11 @@ class VLLMEngine:
         await self._client.reset_mm_cache()
         tasks = await self._client.get_supported_tasks()
         await self._api.init_app_state(self._client, self._state, args, tasks)
+        if "transcription" in tasks and _generation_config(self._client).get("is_multilingual") is False:
+            self._english_only_speech = "en"
+            serving = getattr(self._state, "openai_serving_transcription", None)
+            if serving is not None:
+                serving.model_cls = english_only_whisper(serving.model_cls)
         if not getattr(args, "disable_log_stats", False):
             self._stats_task = asyncio.create_task(self._log_stats_forever(), name="vllm-log-stats")
         log.info("vLLM %s engine ready: %s (tasks: %s)", self._api.version, self.spec.model_path, ", ".join(tasks))
@@ -232,16 +269,52 @@ class VLLMEngine:
                 await self._client.do_log_stats()
 
     def supported_routes(self) -> frozenset[str]:
+        # vLLM's init_app_state builds a serving object only for what the loaded model's
+        # supported tasks allow: their presence is the answer.
+        state, extra = self._state, self._api.extra_requests
         routes = set()
-        if getattr(self._state, "openai_serving_chat", None) is not None:
+        if getattr(state, "openai_serving_chat", None) is not None:
             routes.add(CHAT)
-        if getattr(self._state, "openai_serving_completion", None) is not None:
+        if getattr(state, "openai_serving_completion", None) is not None:
             routes.add(COMPLETIONS)
-        if getattr(self._state, "serving_embedding", None) is not None or getattr(
-            self._state, "openai_serving_embedding", None
-        ):
+        if getattr(state, "serving_embedding", None) is not None or getattr(state, "openai_serving_embedding", None):
             routes.add(EMBEDDINGS)
+        if getattr(state, "serving_scores", None) is not None:
+            routes.update(r for r in (RERANK, SCORE) if r in extra)
+        if getattr(state, "openai_serving_transcription", None) is not None and TRANSCRIPTIONS in extra:
+            routes.add(TRANSCRIPTIONS)
+        if (
+            getattr(state, "openai_serving_translation", None) is not None
+            and TRANSLATIONS in extra
+            and self._english_only_speech is None
+        ):
+            routes.add(TRANSLATIONS)
         return frozenset(routes)
+
+    def kinds(self) -> frozenset[str]:
+        kinds = set(self.supported_routes())
+        if CHAT in kinds and self._accepts_images():
+            kinds.add(IMAGE_INPUT)
+        return frozenset(kinds)
+
+    def _accepts_images(self) -> bool:
+        """Whether the model takes images in chat: a multimodal model whose processor lists
+        an image limit, not set to 0 by ``--limit-mm-per-prompt``."""
+        model_config = getattr(self._client, "model_config", None)
+        mm_config = getattr(model_config, "multimodal_config", None)
+        if mm_config is None:
+            return False
+        try:
+            from vllm.multimodal import MULTIMODAL_REGISTRY
+
+            limits = MULTIMODAL_REGISTRY.get_processing_info(model_config).get_supported_mm_limits()
+        except Exception:  # a vLLM without this API: say only what is certain
+            return False
+        if "image" not in limits:
+            return False
+        with contextlib.suppress(Exception):
+            return mm_config.get_limit_per_prompt("image") > 0
+        return True
 
     async def handle(self, route: str, body: dict[str, Any], ctx: RequestContext) -> Result:
         from pydantic import ValidationError
@@ -263,6 +336,13 @@ class VLLMEngine:
                 serving = getattr(state, "serving_embedding", None) or state.openai_serving_embedding
                 call = serving if callable(serving) else serving.create_embedding
                 engine_request_id = f"embd-{ctx.request_id}"
+            elif route in (RERANK, SCORE):
+                request = api.extra_requests[route].validate_python(body)
+                if hasattr(request, "request_id"):
+                    request.request_id = ctx.request_id
+                call, engine_request_id = state.serving_scores, f"score-{ctx.request_id}"
+            elif route in (TRANSCRIPTIONS, TRANSLATIONS):
+                return await self._speech_to_text(route, body, ctx)
             else:
                 return _error(404, f"route {route} is not served by this worker", "NotFoundError")
         except ValidationError as exc:
@@ -274,6 +354,44 @@ class VLLMEngine:
         except Exception as exc:  # vLLM raises for some bad inputs instead of returning ErrorResponse
             return self._translate_exception(exc)
         return self._to_result(result, engine_request_id)
+
+    async def _speech_to_text(self, route: str, form: dict[str, Any], ctx: RequestContext) -> Result:
+        """Transcription/translation: the form's fields validated by vLLM's own request class,
+        the audio handed over as bytes, as vLLM's FastAPI route does."""
+        from pydantic import ValidationError
+        from starlette.datastructures import Headers, UploadFile
+
+        upload = form.get("file")
+        if not isinstance(upload, UploadedFile):
+            return _error(400, "the multipart form must carry the audio as a 'file' part", "BadRequestError")
+        fields = dict(form)
+        if self._english_only_speech and not fields.get("language"):
+            fields["language"] = self._english_only_speech
+        fields["file"] = UploadFile(
+            io.BytesIO(upload.data),
+            size=len(upload.data),
+            filename=upload.filename,
+            headers=Headers({"content-type": upload.content_type}),
+        )
+        try:
+            request = self._api.extra_requests[route].validate_python(fields)
+        except ValidationError as exc:
+            return _error(400, _summarize_validation(exc), "BadRequestError")
+        if hasattr(request, "request_id"):
+            request.request_id = ctx.request_id
+        state = self._state
+        if route == TRANSCRIPTIONS:
+            call, prefix = state.openai_serving_transcription.create_transcription, "trsc"
+        else:
+            call, prefix = state.openai_serving_translation.create_translation, "trsl"
+        try:
+            if self._api.read_upload_with_limit is not None:
+                # vLLM's own size check (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB), as its FastAPI route does
+                await self._api.read_upload_with_limit(fields["file"])
+            result = await call(upload.data, request, None)
+        except Exception as exc:
+            return self._translate_exception(exc)
+        return self._to_result(result, f"{prefix}-{ctx.request_id}")
 
     def _to_result(self, result: Any, engine_request_id: str) -> Result:
         if isinstance(result, self._api.ErrorResponse):
@@ -301,6 +419,8 @@ class VLLMEngine:
         factory = self._api.create_error_response
         if factory is not None:
             err = factory(exc)
+            if int(err.error.code) >= 500:  # the client sees a message; the operator needs the trace
+                log.error("engine error answered %s", err.error.code, exc_info=exc)
             return JSONResult(int(err.error.code), err.model_dump_json().encode())
         status = 400 if isinstance(exc, (ValueError, TypeError, OverflowError)) else 500
         return _error(status, str(exc), "BadRequestError" if status == 400 else "InternalServerError")
@@ -340,6 +460,42 @@ class VLLMEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await self._stack.aclose()
+
+
+def english_only_whisper(model_cls: Any) -> Any:
+    """vLLM's Whisper class, adapted to an English-only checkpoint (``*.en``).
+
+    vLLM (0.32) builds every Whisper prompt as ``<|startoftranscript|><|LANG|><|TASK|>
+    <|notimestamps|>`` and detects the language first when a request names none. The ``*.en``
+    models were trained with ``<|startoftranscript|><|notimestamps|>`` alone and never name a
+    language: given the language and task tokens, tiny.en's greedy first token is
+    ``<|endoftext|>`` (an empty transcript), and detection ends in an AssertionError (a 500).
+    So for these models the prompt drops the two tokens and detection is off. Only the serving
+    object's copy of the class is replaced; the model the engine runs is vLLM's own.
+    """
+
+    class EnglishOnlyWhisper(model_cls):  # type: ignore[misc, valid-type]
+        supports_explicit_language_detection = False
+
+        @classmethod
+        def get_generation_prompt(cls, stt_params: Any) -> Any:
+            stt_params.language = stt_params.language or "en"
+            prompt = super().get_generation_prompt(stt_params)
+            decoder = prompt["decoder_prompt"]
+            text = decoder["prompt"].replace(f"<|{stt_params.language}|><|{stt_params.task_type}|>", "", 1)
+            # the *.en vocabulary names the previous-text marker <|startofprev|>
+            decoder["prompt"] = text.replace("<|prev|>", "<|startofprev|>", 1)
+            return prompt
+
+    EnglishOnlyWhisper.__name__ = EnglishOnlyWhisper.__qualname__ = f"EnglishOnly{model_cls.__name__}"
+    return EnglishOnlyWhisper
+
+
+def _generation_config(client: Any) -> dict[str, Any]:
+    try:
+        return dict(client.model_config.try_get_generation_config() or {})
+    except Exception:  # an older vLLM, or no generation_config.json: nothing known
+        return {}
 
 
 def _metric_labels(spec: EngineSpec) -> dict[str, str]:

@@ -226,6 +226,7 @@ class ControlPlane:
                 source=record.source,
                 reported_load=external_load(record.reported_load(), current.inflight if current else 0),
                 routable=self._is_routable(record, now),
+                kinds=record.kinds,
             )
         )
 

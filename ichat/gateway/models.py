@@ -1,7 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/models/{name}``: the models the routing table can serve now.
 
 A model is listed while at least one of its endpoints is routable; its card names the
-backends serving it and the number of routable replicas.
+backends serving it, the number of routable replicas and what they serve (kinds).
 """
 
 from __future__ import annotations
@@ -46,4 +46,6 @@ class ModelList:
             "owned_by": "ichat",
             "backends": sorted({ep.backend for ep in routable}),
             "replicas": len(routable),
+            # what its workers serve (routes, plus input kinds); [] when none reports it
+            "kinds": sorted({k for ep in routable for k in ep.kinds}),
         }

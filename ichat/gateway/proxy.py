@@ -317,8 +317,15 @@ class Proxy:
 
     def _unknown_model_message(self, model: str) -> str:
         names = self.table.models()
-        shown = ", ".join(names[:MAX_MODELS_IN_MESSAGE]) + (", ..." if len(names) > MAX_MODELS_IN_MESSAGE else "")
+        shown = ", ".join(self._with_kinds(n) for n in names[:MAX_MODELS_IN_MESSAGE]) + (
+            ", ..." if len(names) > MAX_MODELS_IN_MESSAGE else ""
+        )
         return f"The model '{model}' does not exist. Available models: {shown or '(none)'}."
+
+    def _with_kinds(self, name: str) -> str:
+        """``name (kind, kind)`` when its workers report kinds, else the bare name."""
+        kinds = self.table.kinds(name)
+        return f"{name} ({', '.join(kinds)})" if kinds else name
 
     def _target(self, api_base: str) -> _Target:
         target = self._targets.get(api_base)

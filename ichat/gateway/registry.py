@@ -54,6 +54,7 @@ class WorkerRecord:
     heartbeat_interval = property(lambda self: self.beat.heartbeat_interval)
     log_streaming = property(lambda self: self.beat.log_streaming)
     pid = property(lambda self: self.beat.pid)
+    kinds = property(lambda self: self.beat.kinds)
 
     @property
     def base_url(self) -> str:
@@ -205,4 +206,5 @@ def record_view(record: WorkerRecord) -> dict[str, Any]:
         "instance_id": beat.instance_id,
         "pid": beat.pid,
         "error": beat.error,
+        "kinds": list(beat.kinds),
     }

@@ -98,6 +98,9 @@ class Endpoint:
     #: set by the registry (healthy and ready); static routes start routable
     routable: bool = True
     breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker, repr=False)
+    #: what it serves (routes, plus input kinds such as image_input), as its worker reports;
+    #: empty for static routes and workers that do not report it
+    kinds: tuple[str, ...] = ()
     _auth: str | None = attrs.field(default=None, init=False, repr=False)
     _urls: dict[str, URL] = attrs.field(factory=dict, init=False, repr=False)
 
@@ -240,6 +243,7 @@ class RoutingTable:
         current.source = endpoint.source
         current.reported_load = endpoint.reported_load
         current.routable = endpoint.routable
+        current.kinds = endpoint.kinds
         current._refresh()
         return current
 
@@ -274,6 +278,10 @@ class RoutingTable:
 
     def has_model(self, model: str) -> bool:
         return model in self._pools
+
+    def kinds(self, model: str, routable_only: bool = False) -> list[str]:
+        """What the endpoints of ``model`` report serving, merged and sorted."""
+        return sorted({k for ep in self._pools.get(model, ()) if ep.routable or not routable_only for k in ep.kinds})
 
     # -- routing -------------------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """The worker's HTTP surface: OpenAI routes delegated to the engine plugin, plus control routes.
 
-    POST /v1/chat/completions, /v1/completions, /v1/embeddings   -> engine.handle(...)
-    GET  /v1/models                                              -> engine.models()
+    POST /v1/chat/completions, /v1/completions, /v1/embeddings,
+         /v1/rerank, /v1/score                                   -> engine.handle(...) (JSON)
+    POST /v1/audio/transcriptions, /v1/audio/translations        -> engine.handle(...) (multipart)
+    GET  /v1/models                                              -> engine.models(), each with "kinds"
+
+Only what the loaded model serves is routed to the engine (its ``kinds``: the routes, plus
+``image_input`` when chat takes images); anything else is answered here, naming what it serves.
     GET  /health        200 {"status": "ok"} once the engine serves; 503 {"status": "loading"|"error"|"draining"}
     GET  /metrics       Prometheus text: the worker's request metrics, then the engine's own
     GET  /logs/stream   SSE of captured log lines (see ichat.logs.sse)
@@ -20,14 +25,26 @@ from typing import Any
 
 import attrs
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ichat import __version__
-from ichat.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, JSONResult, RequestContext
+from ichat.engines.base import (
+    CHAT,
+    IMAGE_INPUT,
+    MULTIPART_ROUTES,
+    ROUTE_PATHS,
+    ROUTES,
+    Engine,
+    JSONResult,
+    RequestContext,
+    UploadedFile,
+    engine_kinds,
+)
 from ichat.errors import (
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
 )
 from ichat.httperrors import error_middleware, json_response
@@ -41,6 +58,9 @@ from ichat.worker.gpus import gpu_inventory
 log = logging.getLogger("ichat.worker")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: bounds on a multipart form (audio upload): the fields besides the file are small
+MAX_FORM_FIELDS = 64
+MAX_FORM_FIELD_BYTES = 64 * 1024
 
 
 @attrs.define
@@ -129,15 +149,28 @@ async def handle_openai(route: str, request: web.Request) -> web.StreamResponse:
     state = request.app[WORKER_STATE]
     metrics = request.app[WORKER_METRICS]
     engine = _ready_engine(state)
-    if route not in engine.supported_routes():
-        raise NotFound(f"this model does not serve {request.path}", code="unsupported_route")
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    kinds = engine_kinds(engine)
+    if route not in kinds:
+        raise NotFound(
+            f"The model '{_model_name(state)}' does not serve {request.path}; {served_summary(kinds)}.",
+            code="unsupported_route",
+        )
+    if route in MULTIPART_ROUTES:
+        body = await read_form(request)
+    else:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        if route == CHAT and IMAGE_INPUT not in kinds and has_image_parts(body):
+            raise InvalidRequest(
+                f"The model '{_model_name(state)}' does not take image input; {served_summary(kinds)}.",
+                param="messages",
+                code="unsupported_input",
+            )
 
     # The gateway always sends an id of its own making (unguessable); a client's own id comes
     # beside it as a correlation id, for log lines only, never the engine's key.
@@ -203,9 +236,90 @@ def _correlation(value: str | None) -> str | None:
     return cleaned or None
 
 
+def served_summary(kinds: frozenset[str]) -> str:
+    """Pure: how error messages say what a worker serves."""
+    paths = [ROUTE_PATHS[r] for r in ROUTES if r in kinds]
+    extra = " (with image input)" if IMAGE_INPUT in kinds else ""
+    return f"this worker serves: {', '.join(paths) or 'nothing'}{extra}"
+
+
+def has_image_parts(body: dict[str, Any]) -> bool:
+    """Pure: whether a chat request's messages carry an image part."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and (part.get("type") in ("image_url", "input_image", "image") or "image_url" in part):
+                    return True
+    return False
+
+
+async def read_form(request: web.Request) -> dict[str, Any]:
+    """A multipart/form-data body as a dict: text fields as strings (a repeated field, or one
+    named ``x[]``, as a list), the one file part as an :class:`UploadedFile`. The whole body is
+    bounded by the app's ``client_max_size``; fields and their count are bounded here."""
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        raise PayloadTooLarge(f"request body is larger than the worker's limit of {request.client_max_size / 2**20:g} MB")
+    if not request.content_type.startswith("multipart/form-data"):
+        raise InvalidRequest("this route takes a multipart/form-data body (the audio as a 'file' part)")
+    try:
+        reader = await request.multipart()
+        form: dict[str, Any] = {}
+        count = 0
+        while (part := await reader.next()) is not None:
+            count += 1
+            if count > MAX_FORM_FIELDS:
+                raise InvalidRequest(f"the form has more than {MAX_FORM_FIELDS} parts")
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise InvalidRequest("every form part must be a named field")
+            if part.filename is not None:
+                if any(isinstance(v, UploadedFile) for v in form.values()):
+                    raise InvalidRequest("the form carries more than one file")
+                form[part.name] = UploadedFile(
+                    filename=part.filename,
+                    content_type=part.headers.get("Content-Type", "application/octet-stream"),
+                    data=await _read_part(part, request.client_max_size),
+                )
+                continue
+            raw = await _read_part(part, MAX_FORM_FIELD_BYTES)
+            value = raw.decode(part.get_charset(default="utf-8"), errors="replace")
+            if part.name in form or part.name.endswith("[]"):
+                previous = form.get(part.name, [])
+                form[part.name] = [*(previous if isinstance(previous, list) else [previous]), value]
+            else:
+                form[part.name] = value
+    except (ValueError, AssertionError, LookupError) as exc:  # malformed multipart framing
+        raise InvalidRequest(f"the multipart form could not be read: {exc}") from exc
+    return form
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    """A part's bytes, refusing more than ``limit``. aiohttp's own body limit does not apply
+    to a streamed multipart read, so the bound is counted here."""
+    chunks, total = [], 0
+    while chunk := await part.read_chunk():
+        total += len(chunk)
+        if total > limit:
+            if part.filename is not None:
+                raise PayloadTooLarge(f"the uploaded file is larger than the worker's limit of {limit / 2**20:g} MB")
+            raise InvalidRequest(f"form field {part.name!r} is longer than {limit} bytes", param=part.name)
+        chunks.append(chunk)
+    return part.decode(b"".join(chunks))
+
+
+def _model_name(state: WorkerState) -> str:
+    spec = getattr(state.engine, "spec", None) or state.spec
+    return (state.options.served_model_name or [spec.model_path if spec else "?"])[0]
+
+
 async def handle_models(request: web.Request) -> web.Response:
     engine = _ready_engine(request.app[WORKER_STATE])
-    return json_response({"object": "list", "data": await engine.models()})
+    kinds = sorted(engine_kinds(engine))
+    cards = [{**card, "kinds": kinds} for card in await engine.models()]
+    return json_response({"object": "list", "data": cards})
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -273,21 +387,27 @@ def describe(state: WorkerState) -> dict[str, Any]:
         "inflight": state.inflight,
         "pid": os.getpid(),
         "model_path": spec.model_path if spec else None,
+        # what the model serves (routes, plus input kinds): known once the engine is up
+        "kinds": sorted(engine_kinds(engine)) if engine is not None else [],
         # set by the gateway's supervisor; lets a restarted gateway adopt this worker safely
         "spec_digest": os.environ.get("ICHAT_SPEC_DIGEST"),
     }
 
 
 def build_app(
-    state: WorkerState, hub: LogHub, gpu_inventory: Callable[[], list[dict[str, Any]]] = gpu_inventory
+    state: WorkerState,
+    hub: LogHub,
+    gpu_inventory: Callable[[], list[dict[str, Any]]] = gpu_inventory,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware("worker", log)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[error_middleware("worker", log)], client_max_size=max_body_bytes)
     app[GPU_INVENTORY] = gpu_inventory
     app[WORKER_STATE] = state
     app[WORKER_METRICS] = WorkerMetrics()
     app[LOG_HUB] = hub
-    for route, path in ((CHAT, "/v1/chat/completions"), (COMPLETIONS, "/v1/completions"), (EMBEDDINGS, "/v1/embeddings")):
-        app.router.add_post(path, functools.partial(handle_openai, route))
+    for route in ROUTES:
+        app.router.add_post(ROUTE_PATHS[route], functools.partial(handle_openai, route))
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)

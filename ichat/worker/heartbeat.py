@@ -76,6 +76,7 @@ async def build_heartbeat(state: WorkerState) -> Heartbeat:
         inflight=state.inflight,
         spec_digest=info["spec_digest"],
         error=state.error,
+        kinds=tuple(info["kinds"]),
     )
 
 

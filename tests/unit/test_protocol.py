@@ -19,7 +19,7 @@ def test_round_trip_through_the_wire():
 
 
 def test_unknown_fields_are_ignored_so_workers_can_add_some():
-    assert parse_heartbeat({**BEAT, "kinds": ["chat"], "kv_cache": {"blocks": 3}}) == parse_heartbeat(BEAT)
+    assert parse_heartbeat({**BEAT, "accelerators": ["tpu"], "kv_cache": {"blocks": 3}}) == parse_heartbeat(BEAT)
 
 
 def test_null_optional_fields_mean_their_default():
@@ -54,3 +54,12 @@ def test_a_proof_binds_secret_challenge_pid_and_port():
     assert proof == child_proof("s", "c", 10, 8001)
     assert len({proof, child_proof("t", "c", 10, 8001), child_proof("s", "d", 10, 8001),
                 child_proof("s", "c", 11, 8001), child_proof("s", "c", 10, 8002)}) == 5  # fmt: skip
+
+
+def test_kinds_are_optional_bounded_and_sorted():
+    assert parse_heartbeat(BEAT).kinds == ()
+    assert parse_heartbeat({**BEAT, "kinds": ["score", "rerank", "score"]}).kinds == ("rerank", "score")
+    for bad in ("chat", [1], ["x" * 65], [f"k{i}" for i in range(33)]):
+        with pytest.raises(InvalidRequest) as info:
+            parse_heartbeat({**BEAT, "kinds": bad})
+        assert info.value.param == "kinds", bad
