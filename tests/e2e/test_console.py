@@ -29,6 +29,7 @@ ADMIN_KEY = "console-admin-key"
 UI_TIMEOUT_S = 30
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -80,7 +81,9 @@ def admin(gateway: GatewayProc, method: str, path: str, **kwargs) -> httpx.Respo
 
 
 def until(driver, predicate, what: str, timeout: float = UI_TIMEOUT_S):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: predicate(d), message=f"waiting for {what}")
+    # the page re-renders every second: an element found a moment ago may be gone, so try again
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda d: predicate(d), message=f"waiting for {what}")
 
 
 def message(driver) -> str:
@@ -100,8 +103,12 @@ def screenshot(driver, tmp: Path, name: str, *, for_docs: bool = False) -> None:
 
 
 def worker_row_state(driver, worker_id: str) -> str | None:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#workers tbody tr[data-worker-id="{worker_id}"]')
-    return rows[0].get_attribute("data-state") if rows else None
+    # one script, so that a row the page replaces meanwhile cannot go stale between find and read
+    return driver.execute_script(
+        "const row = document.querySelector(`#workers tbody tr[data-worker-id=\"${arguments[0]}\"]`);"
+        "return row ? row.dataset.state : null;",
+        worker_id,
+    )
 
 
 def test_actions_without_the_admin_key_are_refused(gateway, browser):
@@ -162,7 +169,7 @@ def test_launched_worker_appears_and_a_kill_shows_as_a_state_change(gateway, bro
     for _ in range(3):  # a few requests, so the models panel has a rate and a latency to show
         httpx.post(gateway.base_url + "/v1/chat/completions", json={"model": "console-demo", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
     until(browser, lambda d: d.find_element(By.CSS_SELECTOR, '#models tr[data-model="console-demo"] td.avg').text != "-", "a latency")
-    rate = browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="console-demo"] td.rps').text
+    rate = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, '#models tr[data-model="console-demo"] td.rps').text, "the rate")
     assert float(rate) > 0, rate
     screenshot(browser, e2e_tmp, "workers")
 
