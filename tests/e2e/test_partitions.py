@@ -32,8 +32,8 @@ PROBE_INTERVAL, PROBE_TIMEOUT, PROBE_FAILURES = 0.5, 0.5, 2
 CONNECT_S = 5.0  # the default routing.timeouts.connect_s
 TICK_S = 0.25  # ichat.gateway.control.TICK_S: how often the registry applies the clock
 #: a cut worker is out once PROBE_FAILURES probes started after the cut have timed out (a probe
-#: cycle is the pause plus the timeout), at the next registry tick; plus 0.5 s for a loaded machine
-EJECT_BOUND_S = PROBE_FAILURES * (PROBE_INTERVAL + PROBE_TIMEOUT) + TICK_S + 0.5
+#: cycle is the pause plus the timeout), at the next registry tick; plus 1 s for a loaded machine
+EJECT_BOUND_S = PROBE_FAILURES * (PROBE_INTERVAL + PROBE_TIMEOUT) + TICK_S + 1.0
 #: back once a beat and a probe get through: the beat in flight at the restore may still time out
 #: (the worker's beat timeout is one interval, at least 1 s), the next comes within an interval
 HEAL_BOUND_S = 2 * INTERVAL + PROBE_INTERVAL + TICK_S
