@@ -188,9 +188,6 @@ def _optional_error_factory() -> Any:
 class VLLMEngineFactory:
     name = "vllm"
 
-    def install_hint(self) -> str:
-        return INSTALL_HINT
-
     def parse_args(self, argv: list[str], *, served_model_name: list[str] | None = None) -> EngineSpec:
         api = _load_api()
         parser = api.make_arg_parser(
