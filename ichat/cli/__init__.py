@@ -8,4 +8,8 @@
 
 Everything but the servers is a client of the gateway's HTTP API (``ichat.cli.client``): the
 admin API is the one source of truth. ``views`` turns its answers into tables (pure).
+
+Holds: ``main`` (subcommands), ``client`` (admin API client), ``views``, ``logs``, ``chat``.
+May import: ``ichat.errors``, ``ichat.logs`` (the SSE parser), and ``ichat.gateway.__main__`` /
+``ichat.worker.__main__`` only to run those servers; everything else goes over HTTP.
 """

@@ -1,6 +1,11 @@
 """Engine plugins, found through the ``ichat.engines`` entry-point group.
 
 Adding an engine is a new module plus one entry point; nothing in the worker core changes.
+
+Holds: ``base`` (the plugin contract: EngineFactory, Engine, results), ``vllm``, ``sglang``,
+``args`` (vLLM flag names -> SGLang's), ``stub`` (a stand-in engine for control-plane tests).
+May import: ``ichat.errors`` only (and the engines' own libraries, lazily); never the worker or
+the gateway.
 """
 
 from __future__ import annotations

@@ -148,10 +148,6 @@ class Engine(Protocol):
 class EngineFactory(Protocol):
     name: str
 
-    def install_hint(self) -> str:
-        """How to install this engine; shown when it is missing."""
-        ...
-
     def parse_args(self, argv: list[str], *, served_model_name: str | None) -> EngineSpec:
         """Parse engine flags with the engine's own parser (SystemExit with its message if wrong)."""
         ...

@@ -145,9 +145,6 @@ class SGLangArgs:
 class SGLangEngineFactory:
     name = "sglang"
 
-    def install_hint(self) -> str:
-        return INSTALL_HINT
-
     def build_parser(self) -> tuple[argparse.ArgumentParser, Any]:
         ServerArgs = _import_server_args()
         parser = argparse.ArgumentParser(
@@ -241,10 +238,6 @@ class EngineLoop:
     def _run_forever(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
     def run(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
         return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))

@@ -54,9 +54,6 @@ def _parser() -> argparse.ArgumentParser:
 class StubEngineFactory:
     name = "stub"
 
-    def install_hint(self) -> str:
-        return "the stub engine ships with iChat"
-
     def parse_args(self, argv: list[str], *, served_model_name: list[str] | None = None) -> EngineSpec:
         args = _parser().parse_args(argv)
         names = tuple(served_model_name or args.served_model_name or [args.model])

@@ -188,9 +188,6 @@ def _optional_error_factory() -> Any:
 class VLLMEngineFactory:
     name = "vllm"
 
-    def install_hint(self) -> str:
-        return INSTALL_HINT
-
     def parse_args(self, argv: list[str], *, served_model_name: list[str] | None = None) -> EngineSpec:
         api = _load_api()
         parser = api.make_arg_parser(
@@ -265,8 +262,10 @@ class VLLMEngine:
     async def _log_stats_forever(self) -> None:
         while True:
             await asyncio.sleep(STATS_LOG_INTERVAL_S)
-            with contextlib.suppress(Exception):
+            try:
                 await self._client.do_log_stats()
+            except Exception as exc:  # stats are a courtesy: never let them stop the engine
+                log.debug("vLLM stats logging failed: %r", exc)
 
     def supported_routes(self) -> frozenset[str]:
         # vLLM's init_app_state builds a serving object only for what the loaded model's
@@ -308,12 +307,15 @@ class VLLMEngine:
             from vllm.multimodal import MULTIMODAL_REGISTRY
 
             limits = MULTIMODAL_REGISTRY.get_processing_info(model_config).get_supported_mm_limits()
-        except Exception:  # a vLLM without this API: say only what is certain
+        except Exception as exc:  # a vLLM without this API: say only what is certain
+            log.debug("multimodal limits unknown, images not advertised: %r", exc)
             return False
         if "image" not in limits:
             return False
-        with contextlib.suppress(Exception):
+        try:
             return mm_config.get_limit_per_prompt("image") > 0
+        except Exception as exc:  # an older multimodal config without per-prompt limits
+            log.debug("image limit unknown, images advertised: %r", exc)
         return True
 
     async def handle(self, route: str, body: dict[str, Any], ctx: RequestContext) -> Result:
@@ -408,10 +410,14 @@ class VLLMEngine:
         async def abort() -> None:
             # Closing the serving generator finalizes AsyncLLM.generate (which aborts on
             # GeneratorExit); the explicit abort covers a generator parked outside generate().
-            with contextlib.suppress(Exception):
+            try:
                 await generator.aclose()
-            with contextlib.suppress(Exception):
+            except Exception as exc:  # the request is being dropped anyway; the abort below still runs
+                log.debug("closing the serving generator of %s failed: %r", engine_request_id, exc)
+            try:
                 await self._client.abort(engine_request_id)
+            except Exception as exc:
+                log.warning("aborting %s in the engine failed: %r", engine_request_id, exc)
 
         return abort
 
@@ -423,6 +429,8 @@ class VLLMEngine:
                 log.error("engine error answered %s", err.error.code, exc_info=exc)
             return JSONResult(int(err.error.code), err.model_dump_json().encode())
         status = 400 if isinstance(exc, (ValueError, TypeError, OverflowError)) else 500
+        if status == 500:
+            log.error("engine error answered 500", exc_info=exc)
         return _error(status, str(exc), "BadRequestError" if status == 400 else "InternalServerError")
 
     async def models(self) -> list[dict[str, Any]]:

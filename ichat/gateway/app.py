@@ -1,14 +1,10 @@
 """``build_app(config) -> web.Application``: the gateway's routes, middlewares and lifecycle.
 
-Everything long-lived hangs off the app under the typed keys below, so later modules (registry,
-admin API, metrics) add themselves with their own ``cleanup_ctx`` and reach the routing table,
-the client session and the clock through them. Nothing lives at module level.
+Everything long-lived hangs off the app under the typed keys below; the control plane, admin API,
+metrics and log collector add themselves with their own ``cleanup_ctx`` and reach the routing
+table and the client session through them. Nothing lives at module level.
 
-    CONFIG_KEY  GatewayConfig       the loaded configuration
     TABLE_KEY   RoutingTable        model -> endpoints; static routes are put in here
-    RNG_KEY     random.Random       the policies' random source (seedable in tests)
-    CLOCK_KEY   () -> float         monotonic seconds (injectable in tests)
-    AUTH_KEY    Authenticator       who may call which route class (ichat.gateway.auth)
     DATA_PLANE_KEY DataPlane        table, upstream client, relay, model lists; reconfigure(config)
     PROXY_KEY   Proxy               the relay handler (the data plane's)
     CLIENT_KEY  aiohttp.ClientSession  the process's one client session (exists while the app runs)
@@ -47,11 +43,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-CONFIG_KEY = web.AppKey("ichat_config", GatewayConfig)
 TABLE_KEY = web.AppKey("ichat_routing_table", RoutingTable)
-RNG_KEY = web.AppKey("ichat_rng", random.Random)
-CLOCK_KEY: web.AppKey[Clock] = web.AppKey("ichat_clock")
-AUTH_KEY = web.AppKey("ichat_auth", Authenticator)
 DATA_PLANE_KEY = web.AppKey("ichat_data_plane", DataPlane)
 PROXY_KEY = web.AppKey("ichat_proxy", Proxy)
 CLIENT_KEY = web.AppKey("ichat_client_session", aiohttp.ClientSession)
@@ -87,11 +79,7 @@ def build_app(
         client_max_size=config.routing.max_body_bytes,
         middlewares=[error_middleware("gateway", log), auth.middleware()],
     )
-    app[CONFIG_KEY] = config
     app[TABLE_KEY] = table
-    app[RNG_KEY] = rng
-    app[CLOCK_KEY] = clock
-    app[AUTH_KEY] = auth
     app[DATA_PLANE_KEY] = data_plane
     app[PROXY_KEY] = data_plane.proxy
     app[METRICS_KEY] = metrics

@@ -145,10 +145,6 @@ class LogHub:
             sub.offer(line)
         return line
 
-    def extend(self, lines: Iterable[LogLine]) -> None:
-        for line in lines:
-            self.append(line.stream, line.text, line.ts, level=line.level, line_id=line.id)
-
     def backlog(self, *, after_id: int | None = None, tail: int | None = None) -> list[LogLine]:
         lines = list(self._lines)
         if after_id is not None:

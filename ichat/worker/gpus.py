@@ -7,9 +7,11 @@ No NVML, no driver, or no GPU: an empty list, never an error.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def visible_selector(env: dict[str, str] | os._Environ) -> list[str] | None:
@@ -44,7 +46,8 @@ def gpu_inventory(env: dict[str, str] | os._Environ | None = None) -> list[dict[
         return []
     try:
         pynvml.nvmlInit()
-    except Exception:
+    except Exception as exc:  # no driver, no GPU: an empty inventory, not an error
+        log.debug("NVML unavailable: %r", exc)
         return []
     devices = []
     try:
@@ -52,8 +55,10 @@ def gpu_inventory(env: dict[str, str] | os._Environ | None = None) -> list[dict[
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             utilization = None
-            with contextlib.suppress(Exception):
+            try:
                 utilization = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            except pynvml.NVMLError as exc:  # some devices (MIG slices) do not report it
+                log.debug("GPU %d utilization not available: %r", index, exc)
             name = pynvml.nvmlDeviceGetName(handle)
             uuid = pynvml.nvmlDeviceGetUUID(handle)
             devices.append(
@@ -66,9 +71,12 @@ def gpu_inventory(env: dict[str, str] | os._Environ | None = None) -> list[dict[
                     "utilization_pct": utilization,
                 }
             )
-    except Exception:
+    except Exception as exc:  # a driver failing mid-query: report no GPUs rather than fail the scrape
+        log.warning("GPU inventory failed: %r", exc)
         return []
     finally:
-        with contextlib.suppress(Exception):
+        try:
             pynvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:
+            log.debug("nvmlShutdown failed: %r", exc)
     return select_visible(devices, visible_selector(env))

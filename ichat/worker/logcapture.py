@@ -40,7 +40,7 @@ class FdCapture:
     def install(self) -> None:
         """Redirect fds 1 and 2 into pipes. Call first thing, before the engine starts."""
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to flush
                 stream.flush()
         for fd, name in ((1, "stdout"), (2, "stderr")):
             saved = os.dup(fd)
@@ -57,7 +57,7 @@ class FdCapture:
             self._threads.append(thread)
         # Line-buffer Python's own streams so lines reach the pipe as they are written.
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # not a TextIOWrapper, or closed
                 stream.reconfigure(line_buffering=True)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -109,7 +109,7 @@ class FdCapture:
     def uninstall(self, timeout: float = 2.0) -> None:
         """Put the original fds back and let the readers finish the last lines."""
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to flush
                 stream.flush()
         for fd, saved in self._restore:
             os.dup2(saved, fd)  # drops our write end; readers see EOF once children are gone

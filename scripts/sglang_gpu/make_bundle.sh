@@ -49,7 +49,7 @@ sglang_deps=(
 # `vllm bench serve` (vllm.benchmarks.serve), traced the same way, beyond the above.
 bench_deps=(cachetools==8.0.2 cbor2==6.3.0)
 # iChat (setup.cfg) beyond the image.
-ichat_deps=(aiohttp_sse==2.2.0 cattrs==25.3.0 ruamel.yaml==0.18.15 prometheus_async==25.1.0)
+ichat_deps=(cattrs==25.3.0 ruamel.yaml==0.18.15)
 mkdir -p "$work/b/deps" "$work/w"
 PIP_CONSTRAINT= python3 -m pip download -q --no-deps "${plat[@]}" -d "$work/b/deps" \
   "${sglang_deps[@]}" "${bench_deps[@]}" "${ichat_deps[@]}" 2> >(grep -v "is ignored" >&2 || true)

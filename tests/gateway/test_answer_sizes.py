@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
     gw = GatewayProc(tmp, config, env={"SSL_CERT_FILE": str(cert)})
     try:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{plain_port}/health", timeout=2).status_code == 200, 20, what="plain upstream")
-        wait_until(lambda: httpx.get(f"https://127.0.0.1:{tls_port}/health", timeout=2, verify=str(cert)).status_code == 200, 20, what="tls upstream")
+        wait_until(lambda: httpx.get(f"https://127.0.0.1:{tls_port}/health", timeout=2, verify=ssl.create_default_context(cafile=str(cert))).status_code == 200, 20, what="tls upstream")
         gw.wait_up()
         yield gw
     finally:
