@@ -192,7 +192,7 @@ class ManagedWorker:
         """Apply ``decide`` to this worker. A record from an earlier process of this worker (the
         beats of the instance that just crashed are still fresh) says nothing about the new one:
         it counts only when its pid is the one running now."""
-        if registered_pid is not None and self.pid is not None and registered_pid != self.pid:
+        if registered_pid is not None and registered_pid != self.pid:
             registry_status = None
         decision = decide(self.state, self.state_since, now, registry_status, self.settings)
         if decision.state != self.state:
@@ -296,6 +296,9 @@ class ManagedWorker:
         return env
 
     async def _spawn(self) -> None:
+        # Until the new process exists, no pid is ours: the crashed one's fresh record (its pid)
+        # must not pass for the replacement while the spawn is awaited.
+        self.pid = None
         self._exited.clear()
         self.adopted = False
         self.last_lines.clear()

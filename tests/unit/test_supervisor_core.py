@@ -148,3 +148,22 @@ def test_children_get_their_secret_not_the_cluster_token(monkeypatch):
     env = worker._env()
     assert env["ICHAT_WORKER_SECRET"] == "mine"
     assert "mine" not in " ".join(worker._argv())  # never on a command line other users can read
+
+
+def test_a_crashed_processs_fresh_record_does_not_make_its_replacement_ready():
+    """Before: while the replacement was being spawned the worker still held the crashed
+    process's pid, so that process's fresh `ready` record (same pid) passed for the new one and
+    the worker went `starting -> ready` before its process existed (seen after a kill -9)."""
+    worker = sv.ManagedWorker(
+        ManagedWorkerSpec(model_name="m", model_path="/p", port=8001), gateway_url="x",
+        settings=SETTINGS, clock=lambda: 0.0,
+    )  # fmt: skip
+    worker._set(sv.STARTING)
+    worker.pid = None  # what _spawn sets first, before it awaits the new process
+    worker.observe("ready", 0.0, registered_pid=4242)
+    assert worker.state == sv.STARTING
+    worker.pid = 4243
+    worker.observe("ready", 0.0, registered_pid=4242)
+    assert worker.state == sv.STARTING
+    worker.observe("ready", 0.0, registered_pid=4243)
+    assert worker.state == sv.READY
