@@ -263,7 +263,7 @@ class ControlPlane:
         key = " -H 'Authorization: Bearer $KEY'" if self.config.auth.api_keys else ""
         log.info(
             "model %r is ready (worker %s). Try:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s "
-            "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'",
+            "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one word.\"}]}'",
             worker.spec.model_name, worker.worker_id, self.gateway_url, key, worker.spec.model_name,
         )
 

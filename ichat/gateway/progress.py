@@ -115,7 +115,7 @@ def ready_block(gateway_url: str, models: Iterable[str], *, api_key_needed: bool
     lines += [
         f"ready: {', '.join(models)} at {gateway_url}/v1 (console: {gateway_url}/ui, status: `ichat status`)",
         f"  curl {gateway_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one word.\"}}]}}'",
         f"  python -c 'import os; from openai import OpenAI; c = OpenAI(base_url=\"{gateway_url}/v1\", api_key={key}); "
         f"print(c.chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", \"content\": \"Hi\"}}]).choices[0].message.content)'",
     ]

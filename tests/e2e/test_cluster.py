@@ -22,7 +22,7 @@ from tests.gateway_proc import GatewayProc, write_yaml
 from tests.procs import REPO, WorkerProc, free_port, minilm_path, smollm2_path, wait_until
 
 INTERVAL = 2.0  # heartbeat interval of every worker here
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 ENGINE_START_S = 300
 
 

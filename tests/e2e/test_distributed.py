@@ -49,7 +49,7 @@ INTERVAL = 1.0
 # dynamo + eager backend: the warm-up pass that pipeline stages need, without inductor
 COMPILATION = '{"mode": 2, "backend": "eager"}'
 PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
     [{"role": "user", "content": "Name three colors."}],
 ]
 MAX_TOKENS = 12

@@ -20,7 +20,7 @@ from tests.procs import smollm2_path, wait_until
 
 INTERVAL = 1.0
 ENGINE_START_S = 300
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 CONNECT_S = 5.0  # the default routing.timeouts.connect_s
 
 
