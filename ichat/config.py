@@ -186,6 +186,13 @@ class CacheAwareSettings:
     #: by more than balance_rel times
     balance_abs: float = attrs.field(default=2.0, validator=_non_negative)
     balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
+    #: precise mode: trust what the engines report they hold (workers started with
+    #: --report-prefix-cache) over what was sent to them; workers that do not report fall back
+    #: to the approximate index
+    precise: bool = False
+    #: precise mode: a prefix sent to an endpoint this recently counts as held there before its
+    #: report says so (a report follows the engine's prefill, up to a report interval later)
+    precise_grace_s: float = attrs.field(default=3.0, validator=_non_negative)
 
 
 @attrs.frozen

@@ -51,6 +51,9 @@ UNHEALTHY = "unhealthy"
 
 #: environment variable through which the supervisor hands a managed child its secret
 WORKER_SECRET_ENV = "ICHAT_WORKER_SECRET"
+#: header carrying a request's prompt block hashes from the gateway to the worker (precise
+#: cache_aware routing): ``<units>;<hash>,<hash>,...``, see prefix_header
+PREFIX_BLOCKS_HEADER = "X-Ichat-Prefix-Blocks"
 #: header naming the managed child whose secret the bearer token is
 CHILD_HEADER = "X-IChat-Worker-Id"
 #: query parameter of GET /info carrying an adoption challenge
@@ -66,6 +69,11 @@ def child_proof(secret: str, challenge: str, pid: int, port: int) -> str:
 # -- bounds ------------------------------------------------------------------------------------
 
 MAX_HEARTBEAT_BYTES = 64 * 1024
+#: gateway block hashes a worker's prefix-cache report lists at most (a full one fits a beat)
+MAX_PREFIX_REPORT_BLOCKS = 2048
+#: gateway block hashes one request's X-Ichat-Prefix-Blocks header carries at most
+MAX_PREFIX_HEADER_BLOCKS = 128
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 #: ids of this prefix are the gateway's static routes: no heartbeat may take one
@@ -178,6 +186,55 @@ def _positive_int(_inst: Any, attribute: attrs.Attribute, value: int | None) -> 
         raise _Bad(attribute.name, f"heartbeat field {attribute.name!r} must be > 0")
 
 
+def _prefix_cache(_inst: Any, attribute: attrs.Attribute, value: Mapping[str, Any] | None) -> None:
+    """``{"seq": n, "full": bool, "added": [hash, ...], "removed": [hash, ...]}``: the gateway
+    block hashes the worker's engine holds (see ichat.worker.prefixcache), bounded."""
+    if value is None:
+        return
+    name = "prefix_cache"
+    seq = value.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise _Bad(name, "heartbeat prefix_cache.seq must be an integer >= 0")
+    if not isinstance(value.get("full"), bool):
+        raise _Bad(name, "heartbeat prefix_cache.full must be true or false")
+    total = 0
+    for key in ("added", "removed"):
+        items = value.get(key, [])
+        if not isinstance(items, list):
+            raise _Bad(name, f"heartbeat prefix_cache.{key} must be a list")
+        total += len(items)
+        if total > MAX_PREFIX_REPORT_BLOCKS:
+            raise _Bad(name, f"heartbeat prefix_cache lists more than {MAX_PREFIX_REPORT_BLOCKS} blocks")
+        low, high = _INT64
+        for item in items:
+            if not isinstance(item, int) or isinstance(item, bool) or not low <= item <= high:
+                raise _Bad(name, f"heartbeat prefix_cache.{key} must hold 64-bit integers")
+
+
+def prefix_header(units: float, hashes: list[int]) -> bytes:
+    """The X-Ichat-Prefix-Blocks value for a prompt of ``units`` blocks with these block hashes."""
+    return b"%.2f;%s" % (units, ",".join(map(str, hashes[:MAX_PREFIX_HEADER_BLOCKS])).encode())
+
+
+def parse_prefix_header(value: str | None) -> tuple[float, list[int]] | None:
+    """Pure: (units, hashes) from an X-Ichat-Prefix-Blocks value; None when absent or malformed
+    (a hint, never an error: the request is served the same either way)."""
+    if not value or len(value) > 32 + 21 * MAX_PREFIX_HEADER_BLOCKS:
+        return None
+    units_text, _, hashes_text = value.partition(";")
+    try:
+        units = float(units_text)
+        hashes = [int(h) for h in hashes_text.split(",")] if hashes_text else []
+    except ValueError:
+        return None
+    low, high = _INT64
+    if not (math.isfinite(units) and 0 < units <= 1e6) or not hashes or len(hashes) > MAX_PREFIX_HEADER_BLOCKS:
+        return None
+    if any(not low <= h <= high for h in hashes):
+        return None
+    return units, hashes
+
+
 @attrs.frozen
 class Heartbeat:
     """One beat: who the worker is, where to reach it, what it serves and how busy it is."""
@@ -206,6 +263,9 @@ class Heartbeat:
     kinds: tuple[str, ...] = attrs.field(
         default=(), converter=lambda v: tuple(sorted(set(v))), validator=_strings(32, 64)
     )
+    #: the gateway block hashes its engine's prefix cache holds (``--report-prefix-cache``):
+    #: see _prefix_cache; None when the worker does not report
+    prefix_cache: Mapping[str, Any] | None = attrs.field(default=None, validator=_prefix_cache)
 
 
 # -- (un)structuring ---------------------------------------------------------------------------

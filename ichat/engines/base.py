@@ -108,6 +108,9 @@ class EngineSpec:
     served_model_names: tuple[str, ...]
     engine_args: Any
     canonical_args: tuple[str, ...]
+    #: report the engine's prefix cache to the gateway (``--report-prefix-cache``): the engine
+    #: then has a ``prefix_cache`` attribute, an ``ichat.worker.prefixcache.PrefixCacheTracker``
+    report_prefix_cache: bool = False
 
 
 @attrs.frozen

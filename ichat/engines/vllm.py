@@ -24,6 +24,8 @@ import contextlib
 import importlib
 import io
 import logging
+import shutil
+import tempfile
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -48,7 +50,10 @@ from ichat.engines.base import (
     StreamResult,
     UploadedFile,
 )
+from ichat.engines import vllm_kvevents
 from ichat.errors import EngineUnavailable, error_body
+from ichat.protocol import PREFIX_BLOCKS_HEADER, parse_prefix_header
+from ichat.worker.prefixcache import PrefixCacheTracker
 
 log = logging.getLogger("ichat.engines.vllm")
 
@@ -226,9 +231,19 @@ class VLLMEngine:
         self._stats_task: asyncio.Task[None] | None = None
         #: "en" for an English-only speech model (Whisper ``*.en``), else None; see start()
         self._english_only_speech: str | None = None
+        #: what the engine's prefix cache holds (--report-prefix-cache), else None
+        self.prefix_cache: PrefixCacheTracker | None = None
+        self._kv_events_endpoint: str | None = None
+        self._kv_events_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         args = self.spec.engine_args
+        if self.spec.report_prefix_cache:
+            # vLLM's publisher binds an ipc:// path: only processes of this host, with access
+            # to this private directory, can read the events
+            events_dir = tempfile.mkdtemp(prefix="ichat-kv-events-")
+            self._stack.callback(shutil.rmtree, events_dir, True)
+            self._kv_events_endpoint = f"ipc://{events_dir}/events.sock"
         # Building AsyncLLM blocks for the whole engine start (it waits for the EngineCore
         # subprocess to load the model). Doing it in a thread keeps the worker's loop free, so
         # /health answers 503 "loading" and heartbeats go out meanwhile. AsyncLLM and its core
@@ -236,6 +251,8 @@ class VLLMEngine:
         self._client = await asyncio.to_thread(self._build_client, args)
         self._stack.callback(self._client.shutdown)
         await self._client.reset_mm_cache()
+        if self._kv_events_endpoint is not None:
+            self._follow_prefix_cache(self._kv_events_endpoint)
         tasks = await self._client.get_supported_tasks()
         await self._api.init_app_state(self._client, self._state, args, tasks)
         if "transcription" in tasks and _generation_config(self._client).get("is_multilingual") is False:
@@ -249,6 +266,8 @@ class VLLMEngine:
 
     def _build_client(self, args: Any) -> Any:
         api = self._api
+        if self._kv_events_endpoint is not None:
+            args.kv_events_config = vllm_kvevents.events_config(self._kv_events_endpoint)
         engine_args = api.AsyncEngineArgs.from_cli_args(args)
         usage = api.UsageContext.OPENAI_API_SERVER
         vllm_config = engine_args.create_engine_config(usage_context=usage)
@@ -258,6 +277,18 @@ class VLLMEngine:
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
         )
+
+    def _follow_prefix_cache(self, endpoint: str) -> None:
+        cache_config = getattr(self._client.vllm_config, "cache_config", None)
+        if not getattr(cache_config, "enable_prefix_caching", False):
+            log.warning("--report-prefix-cache: prefix caching is off in this engine; nothing to report")
+            return
+        self.prefix_cache = PrefixCacheTracker(int(cache_config.block_size))
+        vllm_kvevents.observe_prompts(self._client, self.prefix_cache)
+        self._kv_events_task = asyncio.create_task(
+            vllm_kvevents.follow_events(endpoint, self.prefix_cache), name="vllm-kv-events"
+        )
+        log.info("reporting the prefix cache to the gateway (KV-cache events from %s)", endpoint)
 
     async def _log_stats_forever(self) -> None:
         while True:
@@ -350,11 +381,17 @@ class VLLMEngine:
         except ValidationError as exc:
             return _error(400, _summarize_validation(exc), "BadRequestError")
 
+        blocks = None
+        if self.prefix_cache is not None and route in (CHAT, COMPLETIONS):
+            blocks = parse_prefix_header(ctx.headers.get(PREFIX_BLOCKS_HEADER))
+        token = vllm_kvevents.GATEWAY_BLOCKS.set(blocks)
         try:
             # raw_request=None: vLLM then takes the request id from the body, which we set.
             result = await call(request, None)
         except Exception as exc:  # vLLM raises for some bad inputs instead of returning ErrorResponse
             return self._translate_exception(exc)
+        finally:
+            vllm_kvevents.GATEWAY_BLOCKS.reset(token)
         return self._to_result(result, engine_request_id)
 
     async def _speech_to_text(self, route: str, form: dict[str, Any], ctx: RequestContext) -> Result:
@@ -463,10 +500,11 @@ class VLLMEngine:
         await self._client.check_health()
 
     async def shutdown(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
+        for task in (self._stats_task, self._kv_events_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._stack.aclose()
 
 

@@ -42,6 +42,7 @@ from ichat.gateway.statefile import LaunchedStore, default_state_dir
 from ichat.gateway.supervisor import RUNNING_STATES, ManagedWorker, Supervisor
 from ichat.gateway.views import cluster_status, metric_samples, worker_views
 from ichat.protocol import READY, Heartbeat
+from ichat.routing.cachereport import CachedPrefixes
 from ichat.routing.table import Endpoint, RoutingTable
 
 log = logging.getLogger("ichat.gateway.control")
@@ -185,6 +186,12 @@ class ControlPlane:
         if upserted.event != "updated":
             log.info("worker %s %s: model %s at %s (%s)", record.worker_id, upserted.event, record.model_name, record.base_url, record.reported_state)
         self._sync(record, now)
+        if beat.prefix_cache is not None:
+            endpoint = self._table.get(record.worker_id)
+            if endpoint is not None:
+                if endpoint.cached_prefixes is None:
+                    endpoint.cached_prefixes = CachedPrefixes()
+                endpoint.cached_prefixes.apply(beat.instance_id, beat.prefix_cache)
         if self._collector is not None and record.log_streaming:
             self._collector.watch(record.worker_id, record.base_url)
         return record

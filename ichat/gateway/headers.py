@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ichat.protocol import PREFIX_BLOCKS_HEADER
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -38,10 +40,14 @@ MAX_CORRELATION_ID = 200
 # Host and Content-Length are the upstream request's own; Authorization is set per endpoint;
 # X-Request-Id is ours and the client's goes as the correlation id, which a client must not
 # forge either; Expect: the gateway already has the body; Content-Encoding: aiohttp's server
-# inflates a gzip/deflate/br request body before the proxy reads it, so what goes upstream is plain.
+# inflates a gzip/deflate/br request body before the proxy reads it, so what goes upstream is plain;
+# X-Ichat-Prefix-Blocks: only the gateway's routing policy speaks it to a worker.
 _DROP_FROM_REQUEST = frozenset(
     n.lower().encode()
-    for n in (*HOP_BY_HOP, "Host", "Content-Length", "Authorization", REQUEST_ID, CORRELATION_ID, "Expect", "Content-Encoding")
+    for n in (
+        *HOP_BY_HOP, "Host", "Content-Length", "Authorization", REQUEST_ID, CORRELATION_ID, "Expect", "Content-Encoding",
+        PREFIX_BLOCKS_HEADER,
+    )  # fmt: skip
 )
 # Content-Length is recomputed (or the body is re-chunked); Date and Server are our own.
 _DROP_FROM_RESPONSE = frozenset(

@@ -269,9 +269,11 @@ class Proxy:
             exchange.endpoint = endpoint.id
             auth = endpoint.authorization
             may_retry = retries < self.retries and len(candidates) > 1
+            hints = info.upstream_headers
             outcome = await self._attempt(
-                request, exchange, endpoint, body, forwarded, auth.encode("latin-1") if auth else client_auth, may_retry
-            )
+                request, exchange, endpoint, body, forwarded + hints if hints else forwarded,
+                auth.encode("latin-1") if auth else client_auth, may_retry,
+            )  # fmt: skip
             if not isinstance(outcome, IChatError):
                 return outcome
             error = outcome

@@ -13,7 +13,7 @@ from typing import Any
 from ichat.gateway.registry import WorkerRecord, WorkerRegistry, record_view
 from ichat.gateway.supervisor import ManagedWorker
 from ichat.protocol import READY
-from ichat.routing.table import RoutingTable
+from ichat.routing.table import Endpoint, RoutingTable
 
 Sample = tuple[str, str, str, dict[str, str], float]
 
@@ -35,6 +35,8 @@ def worker_views(registry: WorkerRegistry, table: RoutingTable, managed: Iterabl
             "heartbeat_interval_s": record.heartbeat_interval,
             "beats": record.beats,
             "inflight_via_gateway": endpoint.inflight if endpoint else 0,
+            # prompt blocks its engine reports holding (None: it does not report, or not in sync)
+            "prefix_cache_blocks": _reported_blocks(endpoint),
             **record_view(record),
             "restarts": 0,
             "registered": True,
@@ -108,3 +110,8 @@ def metric_samples(
             "ichat_gateway_managed_worker_restarts", "Restarts of a managed worker", "counter",
             {"worker": worker.worker_id}, float(worker.restarts),
         )  # fmt: skip
+
+
+def _reported_blocks(endpoint: Endpoint | None) -> int | None:
+    reported = endpoint.cached_prefixes if endpoint is not None else None
+    return len(reported) if reported is not None and reported.synced else None

@@ -27,6 +27,14 @@ Choice, for each request:
    more than one endpoint rather than bouncing between them.
 3. The chosen endpoint's index learns the prompt's blocks.
 
+Precise mode (``precise: true``): an endpoint whose worker reports its engine's prefix cache
+(``--report-prefix-cache``: ``ichat.worker.prefixcache`` on the worker,
+``ichat.routing.cachereport`` here) is matched against what its engine says it holds, plus what
+was sent to it within ``precise_grace_s`` (not reported yet); the approximate index stays the
+fallback for endpoints that do not report. The prompt's block hashes go to the worker with the
+request (``X-Ichat-Prefix-Blocks``), so the worker reports in the gateway's hashes and the
+gateway needs no tokenizer.
+
 Load is what :class:`ichat.routing.least_inflight.DispatchLoad` says: this gateway's in-flight
 requests (counted from dispatch, not from the first byte of the answer), plus the load the
 endpoint reports from elsewhere, plus the weight of requests still likely in prefill, per weight.
@@ -48,6 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ichat.config import CacheAwareSettings
+from ichat.protocol import PREFIX_BLOCKS_HEADER, prefix_header
 from ichat.routing.least_inflight import DispatchLoad
 from ichat.routing.least_inflight import load as plain_load
 from ichat.routing.policy import RequestInfo
@@ -55,6 +64,7 @@ from ichat.routing.prompt import block_hashes, prompt_of, prompt_units
 from ichat.routing.table import Endpoint
 
 HIT, MISS, OVERRIDDEN = "hit", "miss", "imbalance"
+_PREFIX_HEADER = PREFIX_BLOCKS_HEADER.encode()
 
 
 class _Generations:
@@ -89,8 +99,9 @@ class PrefixIndex:
         self.ttl_s = ttl_s
         self._lru: dict[str, _Generations] = {}
 
-    def depth(self, endpoint_id: str, hashes: Sequence[int], now: float) -> int:
-        """How many leading blocks of ``hashes`` the endpoint holds, fresh.
+    def depth(self, endpoint_id: str, hashes: Sequence[int], now: float, max_age: float | None = None) -> int:
+        """How many leading blocks of ``hashes`` the endpoint holds, fresh (used within the TTL,
+        or within ``max_age`` seconds when that is shorter).
 
         A binary search: an endpoint that holds a block holds every block before it (a
         dispatch learns a prompt's blocks together, always from the first, and generations
@@ -99,7 +110,7 @@ class PrefixIndex:
         gens = self._lru.get(endpoint_id)
         if gens is None or not hashes:
             return 0
-        oldest = now - self.ttl_s
+        oldest = now - (self.ttl_s if max_age is None else min(max_age, self.ttl_s))
         current, previous = gens.current.get, gens.previous.get
 
         def held(h: int) -> bool:
@@ -213,9 +224,14 @@ class CacheAware:
             index.retain({ep.id for ep in candidates})
         index.expire(now)
 
-        depths = [index.depth(ep.id, hashes, now) for ep in candidates]
-        best_depth = max(depths)
         units = prompt_units(prompt, s.block_chars)
+        if s.precise:
+            grace = s.precise_grace_s
+            depths = [_precise_depth(ep, hashes, index, now, grace) for ep in candidates]
+            request.upstream_headers = [(_PREFIX_HEADER, prefix_header(units, hashes))]
+        else:
+            depths = [index.depth(ep.id, hashes, now) for ep in candidates]
+        best_depth = max(depths)
         self.prompt_blocks += units
         self.matched_blocks += best_depth
 
@@ -268,6 +284,16 @@ class CacheAware:
                 {"endpoint": endpoint_id},
                 n,
             )
+
+
+def _precise_depth(ep: Endpoint, hashes: list[int], index: PrefixIndex, now: float, grace: float) -> int:
+    """Precise mode: the blocks the endpoint's engine reports holding, or that were sent to it
+    within ``grace`` seconds (not reported yet); the approximate index for an endpoint that
+    does not report."""
+    reported = ep.cached_prefixes
+    if reported is None or not reported.synced:
+        return index.depth(ep.id, hashes, now)
+    return max(reported.depth(hashes), index.depth(ep.id, hashes, now, grace) if grace else 0)
 
 
 def _least_loaded_deepest(

@@ -53,6 +53,9 @@ class RequestInfo:
     body: Any = None
     #: the client's request headers (a case-insensitive mapping)
     headers: Mapping[str, str] | None = None
+    #: set by a policy: headers to add to the upstream request (precise cache_aware sends the
+    #: prompt's block hashes to the worker, see ichat.protocol.PREFIX_BLOCKS_HEADER)
+    upstream_headers: list[tuple[bytes, bytes]] | None = None
 
 
 class Policy(Protocol):

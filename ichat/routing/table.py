@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 from yarl import URL
 
+from ichat.routing.cachereport import CachedPrefixes
 from ichat.routing.policy import Policy, load_policy
 
 _URL_CACHE_SIZE = 64
@@ -101,6 +102,8 @@ class Endpoint:
     #: what it serves (routes, plus input kinds such as image_input), as its worker reports;
     #: empty for static routes and workers that do not report it
     kinds: tuple[str, ...] = ()
+    #: the prompt blocks its engine reports holding (workers started with --report-prefix-cache)
+    cached_prefixes: CachedPrefixes | None = attrs.field(default=None, repr=False)
     _auth: str | None = attrs.field(default=None, init=False, repr=False)
     _urls: dict[str, URL] = attrs.field(factory=dict, init=False, repr=False)
 

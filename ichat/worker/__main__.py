@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+import attrs
 from aiohttp import web
 
 from ichat.engines import load_engine_factory
@@ -75,6 +76,10 @@ async def serve(options: WorkerOptions, factory: EngineFactory, spec: EngineSpec
         state.phase = READY
         if agent is not None:
             agent.poke()  # become routable now, not at the next interval
+            tracker = getattr(state.engine, "prefix_cache", None)
+            if tracker is not None:
+                # the gateway learns what the cache holds within a report interval of a change
+                tracker.on_change = agent.poke_soon
         log.info(
             "iChat worker ready: model %s at http://%s:%d/v1", spec.served_model_names[0], options.dial_host, options.port
         )
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         factory = load_engine_factory(options.backend)
         spec = factory.parse_args(engine_argv, served_model_name=options.served_model_name)
+        if options.report_prefix_cache:
+            spec = attrs.evolve(spec, report_prefix_cache=True)
     except EngineUnavailable as exc:
         return _fail(exc.message)
 

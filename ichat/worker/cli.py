@@ -29,6 +29,8 @@ class WorkerOptions:
     worker_token: str | None
     log_lines: int
     drain_timeout: float
+    #: send the gateway what the engine's prefix cache holds (precise cache_aware routing)
+    report_prefix_cache: bool = False
 
     @property
     def dial_host(self) -> str:
@@ -70,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-lines", type=int, default=10_000, help="log lines kept for /logs/stream (default: 10000)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    parser.add_argument(
+        "--report-prefix-cache", action=argparse.BooleanOptionalAction, default=False,
+        help="report what the engine's prefix cache holds to the gateway, from the engine's KV-cache events, "
+        "for the gateway's precise cache_aware routing (default: off; vLLM backend)",
+    )
     return parser
 
 
@@ -92,5 +99,6 @@ def parse_worker_args(argv: list[str]) -> tuple[WorkerOptions, list[str], bool]:
         worker_token=ns.worker_token,
         log_lines=ns.log_lines,
         drain_timeout=ns.drain_timeout,
+        report_prefix_cache=ns.report_prefix_cache,
     )
     return options, engine_argv, ns.help

@@ -4,7 +4,9 @@ Every beat carries the full metadata (one :class:`ichat.protocol.Heartbeat`), so
 registers and any later one re-registers a worker the gateway forgot (a gateway restart). Beats
 go out every ``--heartbeat-interval`` seconds, at once on a state change (loading -> ready ->
 draining), and sooner, with backoff and jitter, while the gateway cannot be reached; serving
-never waits on it.
+never waits on it. A worker that reports its prefix cache (``--report-prefix-cache``) also beats
+when the cache changed, at most once per ``PREFIX_REPORT_INTERVAL_S``, so that the gateway's
+view of it is about that fresh.
 
 Credentials: a worker the gateway started itself sends its own secret (``ICHAT_WORKER_SECRET``,
 with ``X-IChat-Worker-Id``), which no token rotation changes; any other worker sends
@@ -30,6 +32,8 @@ log = logging.getLogger("ichat.worker.heartbeat")
 
 HEARTBEAT_PATH = "/v1/workers/heartbeat"
 DEREGISTER_PATH = "/v1/workers/deregister"
+#: the shortest gap between beats sent because the engine's prefix cache changed
+PREFIX_REPORT_INTERVAL_S = 1.0
 
 
 def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
@@ -77,7 +81,15 @@ async def build_heartbeat(state: WorkerState) -> Heartbeat:
         spec_digest=info["spec_digest"],
         error=state.error,
         kinds=tuple(info["kinds"]),
+        prefix_cache=_prefix_cache_report(engine, state.phase),
     )
+
+
+def _prefix_cache_report(engine: Any, phase: str) -> dict[str, Any] | None:
+    tracker = getattr(engine, "prefix_cache", None)
+    if tracker is None or phase != READY:
+        return None
+    return tracker.report()
 
 
 async def build_payload(state: WorkerState) -> dict[str, Any]:
@@ -91,9 +103,27 @@ class HeartbeatAgent:
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self.beats_sent = 0
+        self._last_beat = float("-inf")
+        self._soon: asyncio.TimerHandle | None = None
 
     def poke(self) -> None:
         """Send the next beat now (a state change the gateway should learn at once)."""
+        self._wake.set()
+
+    def poke_soon(self) -> None:
+        """Send a beat soon, at most one per PREFIX_REPORT_INTERVAL_S (the prefix cache changed:
+        called on every batch of engine events, so it must stay cheap)."""
+        if self._soon is not None or self._wake.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_beat + PREFIX_REPORT_INTERVAL_S - loop.time()
+        if wait <= 0:
+            self._wake.set()
+        else:
+            self._soon = loop.call_later(wait, self._fire_soon)
+
+    def _fire_soon(self) -> None:
+        self._soon = None
         self._wake.set()
 
     def _headers(self) -> dict[str, str]:
@@ -115,6 +145,8 @@ class HeartbeatAgent:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, min(5.0, interval))))
 
     async def close(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -124,6 +156,7 @@ class HeartbeatAgent:
         failures = 0
         while True:
             self._wake.clear()
+            self._last_beat = asyncio.get_running_loop().time()
             try:
                 await self._post(HEARTBEAT_PATH, await build_payload(self._state))
                 self.beats_sent += 1
@@ -132,6 +165,9 @@ class HeartbeatAgent:
                 failures = 0
             except (aiohttp.ClientError, asyncio.TimeoutError, IChatError, OSError) as exc:
                 failures += 1
+                tracker = getattr(self._state.engine, "prefix_cache", None)
+                if tracker is not None:
+                    tracker.resync()  # the report in this beat may be lost: the next one is whole
                 if failures == 1 or failures % 20 == 0:
                     log.warning("heartbeat to %s failed (%s); retrying with backoff", options.gateway_address, exc)
             delay = retry_delay(failures, options.heartbeat_interval, self._rng)
