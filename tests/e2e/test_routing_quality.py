@@ -166,8 +166,9 @@ def test_precise_mode_sees_an_eviction_the_gateway_did_not_cause(cluster):
         lambda: [w for w, n in reported_blocks(gateway).items() if (n or 0) > (start.get(w) or 0)],
         30, "a replica to report the tenant's prefix",
     )  # fmt: skip
-    home = by_id[grown[0]]
-    held = reported_blocks(gateway)[home.worker_id]
+    home_id = grown[0]
+    home = by_id[home_id]
+    held = reported_blocks(gateway)[home_id]
 
     # Other tenants' prompts straight at that replica (not through the gateway) fill its cache.
     direct = openai.OpenAI(base_url=home.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
@@ -175,7 +176,7 @@ def test_precise_mode_sees_an_eviction_the_gateway_did_not_cause(cluster):
         direct.chat.completions.create(
             model=MODEL, messages=[{"role": "system", "content": other}, {"role": "user", "content": "Hi?"}], max_tokens=1
         )
-    wait_for(lambda: (reported_blocks(gateway)[home.worker_id] or 0) < held, 30, "the eviction to be reported")
+    wait_for(lambda: (reported_blocks(gateway)[home_id] or 0) < held, 30, "the eviction to be reported")
 
     before = decision_counts(gateway)
     ask(client, "Second question?")
