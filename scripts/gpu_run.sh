@@ -6,6 +6,8 @@
 #                write the SmolLM2 checkpoint to /root/smol, register iChat's entry points,
 #                and check that the vLLM plugin finds its entry points in this vLLM
 #   a | b | c | ab | table   phases of scripts/gpu_bench.py (results kept in /root/ichat-bench)
+#   routing WORKLOADS ROUNDS  benchmarks/routing_quality.py --preset gpu (issue 17) on those
+#                workloads (comma-separated), results in $OUT/routing-<workloads>/
 # e.g.  bash scripts/gpu_run.sh piece .gpu/p05 install a     then   bash scripts/gpu_run.sh b
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,11 +74,32 @@ EOF
   python3 -c "import vllm, torch, attrs, cattrs, aiohttp, uvloop; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0), 'attrs', attrs.__version__, 'aiohttp', aiohttp.__version__, 'uvloop', uvloop.__version__)"
 }
 
+routing() {
+  # The benchmark's processes run in sessions of their own, which outlive a call cut short:
+  # stop the last call's leftovers, then wait until their GPU memory is free again.
+  if [ -f /root/routing.pids ]; then
+    for pid in $(cat /root/routing.pids); do kill -9 -- "-$pid" 2>/dev/null || true; done
+    rm -f /root/routing.pids
+  fi
+  for _ in $(seq 90); do
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    [ "${used:-0}" -lt 4000 ] && break
+    sleep 1
+  done
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  local dir="$out/routing-${1//,/-}"
+  mkdir -p "$dir"
+  timeout --kill-after=5 $((deadline - $(date +%s) - 5)) python3 benchmarks/routing_quality.py --preset gpu \
+    --model-path /root/smol --workloads "$1" --rounds "$2" --out "$dir" --deadline $((deadline - 20)) \
+    --pidfile /root/routing.pids 2>&1 | tee "$dir/run.log" || echo "routing benchmark exited with $?"
+}
+
 phases=()
 while [ $# -gt 0 ]; do
   case "$1" in
     piece) mkdir -p /root/parts && mv "$2" /root/parts/ && ls -la /root/parts; shift 2 ;;
     install) t0=$(date +%s); install 2>&1 | tee "$out/install.log"; echo "install took $(( $(date +%s) - t0 ))s"; shift ;;
+    routing) routing "$2" "$3"; shift 3 ;;
     a|b|c|ab|table) phases+=("$1"); shift ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac

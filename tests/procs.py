@@ -114,18 +114,18 @@ class Proc:
 
 class WorkerProc(Proc):
     """``python -m ichat.worker``. ``backend="vllm"`` adds ``--enforce-eager`` (no graph capture:
-    a faster start on CPU); any other backend (``"stub"``) gets ``--backend NAME`` and no vLLM
+    a faster start on CPU) unless ``enforce_eager=False`` (a GPU benchmark); any other backend (``"stub"``) gets ``--backend NAME`` and no vLLM
     flag, which its own parser would refuse. ``host`` is the bind address (default 127.0.0.1)."""
 
     def __init__(
         self, tmp_dir: Path, model: str, name: str, *extra: str, port: int | None = None, env=None,
-        backend: str = "vllm", host: str = "127.0.0.1",
+        backend: str = "vllm", host: str = "127.0.0.1", enforce_eager: bool = True,
     ) -> None:
         self.port = port or free_port()
         self.name = name
         self.host = host
         self.base_url = f"http://{host}:{self.port}"
-        engine_flags = ["--enforce-eager"] if backend == "vllm" else ["--backend", backend]
+        engine_flags = (["--enforce-eager"] if enforce_eager else []) if backend == "vllm" else ["--backend", backend]
         bind = [] if host == "127.0.0.1" else ["--host", host]
         argv = [
             sys.executable, "-m", "ichat.worker", "--model", model, "--served-model-name", name,
