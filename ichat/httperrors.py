@@ -74,3 +74,31 @@ def error_middleware(component: str, log: logging.Logger) -> Callable[[web.Reque
             return error_response(IChatError(f"Internal error in the {component}; see its log."))
 
     return middleware
+
+
+class MalformedRequestLogFilter(logging.Filter):
+    """One line instead of a traceback for a request aiohttp's server could not parse.
+
+    A peer that speaks HTTP/2 or TLS to the plain HTTP/1.1 port, or sends junk, already got its
+    400 (or a closed connection) from aiohttp; its parser error is the peer's fault, not a
+    server bug, and a traceback per probe buries the log (sglang-router opens every worker
+    connection with an HTTP/2 preface). Installed on the ``aiohttp.server`` logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = str(exc.message).strip().splitlines()[0] if str(exc.message).strip() else ""
+            said = record.getMessage()
+            record.msg = "%s: malformed HTTP request answered with %s (%s)"
+            record.args = (said, exc.code, first[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def install_log_filters() -> None:
+    """The gateway's and the worker's log hygiene (called once, from their ``main``)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLogFilter())

@@ -37,6 +37,7 @@ from ichat.gateway.app import build_app
 from ichat.gateway.auth import describe_access
 from ichat.gateway.connections import GatewayRunner
 from ichat.gateway.progress import show_progress
+from ichat.httperrors import install_log_filters
 from ichat.logs.sse import STREAMS_KEY
 
 log = logging.getLogger("ichat.gateway")
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Logging first, so that warnings from loading the config are formatted like the rest.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filters()
     try:
         config = load_config(args.config)
     except ConfigError as err:

@@ -15,6 +15,7 @@ from aiohttp import web
 from ichat.engines import load_engine_factory
 from ichat.engines.base import EngineFactory, EngineSpec
 from ichat.errors import EngineUnavailable
+from ichat.httperrors import install_log_filters
 from ichat.logs.hub import LogHub
 from ichat.worker.app import DRAINING, ERROR, READY, WorkerState, build_app, take_child_secret
 from ichat.worker.cli import WorkerOptions, build_parser, parse_worker_args
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_filters()
     try:
         with contextlib.suppress(ImportError):
             import uvloop
