@@ -136,7 +136,7 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
     extra = args.worker_args.split()
     # precise mode needs the engines' KV-cache events; every replica reports, whichever router
     # runs, so that all routers pay the same (small) cost
-    if any(VARIANTS.get(r, ("", {}))[1].get("cache_aware", {}).get("precise") for r in args.routers.split(",")):
+    if any(router_settings(r)[1].get("cache_aware", {}).get("precise") for r in args.routers.split(",") if r not in PEERS):
         extra.append("--report-prefix-cache")
     for i in range(replicas):
         workers.append(
@@ -159,6 +159,18 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
         worker.wait_ready(timeout=600)
     gateway.wait_routable(MODEL, replicas, timeout=60)
     return gateway, workers
+
+
+def router_settings(router: str) -> tuple[str, dict[str, Any]]:
+    """(policy, routing settings) for an iChat router name: a policy, a ``VARIANTS`` name, or
+    either with settings of the policy appended, e.g. ``cache_aware+balance_abs=8``."""
+    name, *pairs = router.split("+")
+    policy, extra = VARIANTS.get(name, (name, {}))
+    extra = {key: dict(value) if isinstance(value, dict) else value for key, value in extra.items()}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        extra.setdefault(policy, {})[key] = json.loads(value)
+    return policy, extra
 
 
 def write_pids(args: argparse.Namespace, procs: list[Proc]) -> None:
@@ -523,7 +535,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if router in peers:
                         url = peers[router].base_url  # type: ignore[attr-defined]
                     else:
-                        policy, extra = VARIANTS.get(router, (router, {}))
+                        policy, extra = router_settings(router)
                         set_policy(gateway, policy, extra)
                         url = gateway.base_url
                     t1 = time.monotonic()
@@ -587,7 +599,7 @@ def main() -> int:
         for key, value in GPU_DEFAULTS.items():
             if key not in args.explicit:
                 setattr(args, key, value)
-    unknown = [r for r in args.routers.split(",") if r not in ALL_ROUTERS and r != "session_affinity"]
+    unknown = [r for r in args.routers.split(",") if r.split("+")[0] not in (*ALL_ROUTERS, "session_affinity")]
     unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown router or workload: {', '.join(unknown)}")

@@ -7,7 +7,8 @@
 #                and check that the vLLM plugin finds its entry points in this vLLM
 #   a | b | c | ab | table   phases of scripts/gpu_bench.py (results kept in /root/ichat-bench)
 #   routing WORKLOADS ROUNDS  benchmarks/routing_quality.py --preset gpu (issue 17) on those
-#                workloads (comma-separated), results in $OUT/routing-<workloads>/
+#                workloads (comma-separated), results in $OUT/routing-<workloads>/; more flags
+#                for the benchmark in $ROUTING_ARGS
 # e.g.  bash scripts/gpu_run.sh piece .gpu/p05 install a     then   bash scripts/gpu_run.sh b
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +92,7 @@ routing() {
   mkdir -p "$dir"
   timeout --kill-after=5 $((deadline - $(date +%s) - 5)) python3 benchmarks/routing_quality.py --preset gpu \
     --model-path /root/smol --workloads "$1" --rounds "$2" --out "$dir" --deadline $((deadline - 20)) \
-    --pidfile /root/routing.pids 2>&1 | tee "$dir/run.log" || echo "routing benchmark exited with $?"
+    --pidfile /root/routing.pids ${ROUTING_ARGS:-} 2>&1 | tee "$dir/run.log" || echo "routing benchmark exited with $?"
 }
 
 phases=()
