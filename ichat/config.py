@@ -183,8 +183,11 @@ class CacheAwareSettings:
     match_threshold: float = attrs.field(default=0.3, validator=_fraction)
     #: the imbalance gate: affinity is overridden (least loaded instead) when the matched
     #: endpoint's load exceeds the least loaded one's by more than balance_abs requests AND
-    #: by more than balance_rel times
-    balance_abs: float = attrs.field(default=2.0, validator=_non_negative)
+    #: by more than balance_rel times. 8: on an H100 (issue 17's GPU run), 2 overrode 3-4 % of
+    #: matches at concurrency 32, and each override copied a 2,048-token prefix into the other
+    #: engine's full cache: hit rate 0.63 against 0.70 at 8 and 0.85 at 32; but 32 let a
+    #: long-prefix workload split 240/120 and doubled its TTFT p50 against round robin.
+    balance_abs: float = attrs.field(default=8.0, validator=_non_negative)
     balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
     #: precise mode: trust what the engines report they hold (workers started with
     #: --report-prefix-cache) over what was sent to them; workers that do not report fall back

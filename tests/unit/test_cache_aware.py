@@ -305,11 +305,12 @@ def test_a_burst_for_one_prefix_spreads_once_its_home_is_busy_with_prefills():
     clock = Clock()
     p, eps, rng = policy(clock, prefill_weight=2.0), endpoints(2), random.Random(12)
     homes = []
-    for i in range(6):
+    for i in range(12):  # past the default gate (8 requests and 1.5x)
         ep = p.select(eps, chat(TENANT_A, f"burst {i}"), rng)
         ep.inflight += 1  # as the proxy does at dispatch
         homes.append(ep.id)
     assert len(set(homes)) == 2 and p.decisions["imbalance"] >= 1
+    assert homes[:9] == [homes[0]] * 9  # affinity holds up to the gate
 
 
 def test_rendering_is_bounded_for_hostile_bodies():
