@@ -189,6 +189,13 @@ class CacheAwareSettings:
     #: long-prefix workload split 240/120 and doubled its TTFT p50 against round robin.
     balance_abs: float = attrs.field(default=8.0, validator=_non_negative)
     balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
+    #: a prompt with no match (a new prefix) goes to the endpoint with the smallest index among
+    #: those the gate would accept (within balance_abs / balance_rel of the least loaded), not
+    #: to the least loaded: new prefixes then spread by cache content, as sglang-router's
+    #: smallest tree does, but never onto an overloaded endpoint. Off by default: not yet
+    #: measured on a GPU (issue 17's long-prefix run put 8 of 12 prefixes on one replica
+    #: under load-based placement with the gate at 32)
+    spread_new_prefixes: bool = False
     #: precise mode: trust what the engines report they hold (workers started with
     #: --report-prefix-cache) over what was sent to them; workers that do not report fall back
     #: to the approximate index

@@ -21,6 +21,8 @@ Choice, for each request:
    otherwise the least loaded endpoint of the pool (never "the one with the smallest index",
    which feeds a death spiral: sglang#14305); ties of load go to the deeper partial match,
    then to the smaller index (new prefixes spread evenly over the pool's cache capacity).
+   With ``spread_new_prefixes``, a miss goes instead to the endpoint with the smallest index
+   among those the imbalance gate (below) would accept next to the least loaded one.
 2. Imbalance gate: when the chosen endpoint's load exceeds the pool's least loaded one by more
    than ``balance_abs`` requests and by more than ``balance_rel`` times, the least loaded one
    takes the request instead. Its index then learns the prefix too, so a hot prefix ends up on
@@ -253,6 +255,8 @@ class CacheAware:
                 outcome = HIT
         else:
             chosen, outcome = coolest, MISS
+            if s.spread_new_prefixes:
+                chosen = _smallest_index_within_gate(candidates, loads, coolest, index, s, rng)
         self.decisions[outcome] += 1
         index.learn(chosen.id, hashes, now)
         load.dispatched(chosen, now)
@@ -310,6 +314,27 @@ def _least_loaded_deepest(
     sizes = index.size_of
     for ep, ep_load, d in zip(candidates, loads, depths):
         key = (ep_load, -d, sizes(ep.id))
+        if key < best_key:
+            best_key, best = key, [ep]
+        elif key == best_key:
+            best.append(ep)
+    return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
+
+
+def _smallest_index_within_gate(
+    candidates: Sequence[Endpoint], loads: list[float], coolest: Endpoint, index: PrefixIndex,
+    s: CacheAwareSettings, rng: random.Random,
+) -> Endpoint:
+    """A new prefix's home: of the endpoints the imbalance gate would accept next to the
+    least loaded one, the one with the smallest index (the least cached, so prefixes spread
+    by cache content); ties to the less loaded, then at random."""
+    least = plain_load(coolest)
+    best: list[Endpoint] = []
+    best_key: tuple[int, float] = (2**62, float("inf"))
+    for ep, ep_load in zip(candidates, loads):
+        if ep is not coolest and _imbalanced(plain_load(ep), least, s.balance_abs, s.balance_rel):
+            continue
+        key = (index.size_of(ep.id), ep_load)
         if key < best_key:
             best_key, best = key, [ep]
         elif key == best_key:

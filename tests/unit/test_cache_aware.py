@@ -346,3 +346,42 @@ def test_depth_search_agrees_with_a_linear_walk():
             index.expire(now)
         probe = block_hashes(rng.choice(prompts), 64)
         assert index.depth("e", probe, now) == linear(probe)
+
+
+def _new_prefixes_under_skewed_load(spread: bool) -> Counter:
+    """12 new prefixes, each arriving while e0 carries one request fewer than e1 (the
+    closed-loop skew of issue 17's long-prefix run, where 8 of 12 prefixes went to one
+    replica), with the gate wide open; then 4 more requests of each prefix at equal load."""
+    p, eps, rng = policy(spread_new_prefixes=spread, balance_abs=32), endpoints(2), random.Random(21)
+    prompt = lambda k, q: chat(f"Prefix {k}. " + "long handbook text " * 80, q)  # noqa: E731
+    homes: dict[int, str] = {}
+    for k in range(12):
+        eps[0].inflight, eps[1].inflight = 3, 4
+        homes[k] = p.select(eps, prompt(k, "q"), rng).id
+    for k in range(12):
+        for turn in range(4):
+            eps[0].inflight = eps[1].inflight = 0
+            assert p.select(eps, prompt(k, f"t{turn}"), rng).id == homes[k]
+    return Counter(homes.values())
+
+
+def test_new_prefixes_follow_the_load_unless_spread_by_index_size():
+    # Load-based placement (the default) follows the skew: all 12 on e0. With
+    # spread_new_prefixes they split by cache content, 6/6, and affinity keeps each one home.
+    assert _new_prefixes_under_skewed_load(spread=False) == {"e0": 12}
+    assert _new_prefixes_under_skewed_load(spread=True) == {"e0": 6, "e1": 6}
+
+
+def test_spread_new_prefixes_never_passes_the_gate():
+    clock = Clock()
+    for spread, within, past in ((True, "e1", "e0"), (False, "e0", "e0")):
+        p, eps, rng = policy(clock, spread_new_prefixes=spread), endpoints(2), random.Random(5)
+        for k in range(4):  # e0's index holds 4 prefixes, e1's none
+            p.index.learn("e0", block_hashes(prompt_of(chat(f"Warm {k}. " + "text " * 300, "q").body, 10**6), 256), clock())
+        # within the gate (8 requests and 1.5x): the smaller index takes a new prefix, though busier
+        eps[0].inflight, eps[1].inflight = 0, 5
+        assert p.select(eps, chat("Brand new prefix. " + "words " * 300, "q"), rng).id == within
+        # past the gate: the least loaded, whatever its index
+        eps[0].inflight, eps[1].inflight = 0, 20
+        assert p.select(eps, chat("Another new prefix. " + "words " * 300, "q"), rng).id == past
+        assert p.decisions["miss"] == 2
