@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,12 @@ from tests.procs import Proc, free_port, wait_until
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
+    """Write ``path`` whole, as config management does (a temporary file renamed over it): the
+    gateway's watcher never sees it half-written (it copes when it does: test_control_ops)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
         YAML(typ="safe", pure=True).dump(data, f)
+    os.replace(tmp, path)
 
 
 class GatewayProc(Proc):

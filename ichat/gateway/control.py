@@ -414,9 +414,14 @@ class ControlPlane:
     async def _reload(self) -> dict[str, Any]:
         assert self.config_path is not None
         async with self._ops_lock:
+            # The stamp of what is read, taken before reading: a file still being written (an
+            # editor truncates, then writes) may be read half-way; its final content then has a
+            # newer stamp, and the watcher applies it. A stamp taken after applying marked that
+            # final content as seen, and the half-read one stayed applied.
+            stamp = _stamp(self.config_path)
             new = load_config(self.config_path)
             summary = await self._apply(new)
-            self._config_stamp = _stamp(self.config_path)
+            self._config_stamp = stamp
             return summary
 
     async def apply(self, new: GatewayConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ side is tests/e2e); the control plane, the HTTP layer and the state file are the
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 import pytest
@@ -168,3 +169,44 @@ async def test_an_impostor_on_a_managed_port_is_not_adopted(aiohttp_server):
         worker = sv.ManagedWorker(spec, gateway_url="x", settings=SupervisorSettings(), child_secret="s", session=lambda: session)
         assert await worker._adopt() is False
     assert worker.pid is None and not worker.adopted
+
+
+async def test_a_config_finished_while_a_reload_applies_its_first_half_is_applied_next(
+    gateway, no_processes, tmp_path, monkeypatch
+):
+    """An editor (or a test's write_yaml) truncates the file, then writes it. The watcher read it
+    empty, stopped every managed worker, and then recorded the stamp of the finished file, so the
+    finished file was never applied (seen in CI: a config edit waited 5 minutes for a worker)."""
+    from ichat.gateway import control as control_module
+    from tests.gateway_proc import write_yaml
+
+    config_path = tmp_path / "gw.yaml"
+    full = {"state_dir": str(tmp_path / "state"), "managed_workers": [spec_body(8001, "a")]}
+    write_yaml(config_path, full)
+    client = await gateway(full)
+    control = client.app[CONTROL_KEY]
+    control.config_path = str(config_path)
+    await control.start_managed("http://127.0.0.1:1")
+    real_load = control_module.load_config
+
+    def read_then_finish_the_write(path):
+        loaded = real_load(path)  # the file is empty: the writer has only truncated it so far
+        write_yaml(config_path, full)
+        stat = config_path.stat()
+        os.utime(config_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a newer mtime
+        return loaded
+
+    config_path.write_text("")
+    monkeypatch.setattr(control_module, "load_config", read_then_finish_the_write)
+    summary = await control.reload()
+    assert summary["stopped"] == ["managed-a-8001"]  # the half-written file was applied
+    monkeypatch.setattr(control_module, "load_config", real_load)
+    monkeypatch.setattr(control_module, "CONFIG_POLL_S", 0.01)
+    watcher = asyncio.create_task(control._watch_config_forever())
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while control.managed_ids() != ["managed-a-8001"]:
+            assert asyncio.get_running_loop().time() < deadline, "the finished config was never applied"
+            await asyncio.sleep(0.02)
+    finally:
+        watcher.cancel()
