@@ -44,8 +44,8 @@ p50/p90/p99, output tokens/s, the split of requests over the replicas, and the m
 instantaneous imbalance of in-flight requests (sampled from ``/v1/admin/workers`` every 100 ms;
 ``--trace`` writes the samples, with each worker's reported load, as JSON).
 
-Needs the machine-wide engine lock when other engines may run (``/work/tools/engine-lock`` on
-the shared development machine); wall time on 2 CPU cores: a few minutes.
+Run it alone: other engines on the same cores (a test run, say) skew every figure. Wall time on 2
+CPU cores: a few minutes (the CPU configuration); on one H100, 291–529 s per call (``--preset gpu``).
 """
 
 from __future__ import annotations
