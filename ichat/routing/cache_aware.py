@@ -309,16 +309,8 @@ def _least_loaded_deepest(
     On a miss (a match below the threshold) the load decides; a tie, common in a quiet pool,
     goes where part of the prompt may still be cached, else where the least is cached, so
     that new prefixes spread evenly over the pool's cache capacity."""
-    best: list[Endpoint] = []
-    best_key: tuple[float, int, int] = (float("inf"), 0, 0)
     sizes = index.size_of
-    for ep, ep_load, d in zip(candidates, loads, depths):
-        key = (ep_load, -d, sizes(ep.id))
-        if key < best_key:
-            best_key, best = key, [ep]
-        elif key == best_key:
-            best.append(ep)
-    return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
+    return _lowest(candidates, [(x, -d, sizes(ep.id)) for ep, x, d in zip(candidates, loads, depths)], rng)
 
 
 def _smallest_index_within_gate(
@@ -329,16 +321,17 @@ def _smallest_index_within_gate(
     least loaded one, the one with the smallest index (the least cached, so prefixes spread
     by cache content); ties to the less loaded, then at random."""
     least = plain_load(coolest)
-    best: list[Endpoint] = []
-    best_key: tuple[int, float] = (2**62, float("inf"))
-    for ep, ep_load in zip(candidates, loads):
-        if ep is not coolest and _imbalanced(plain_load(ep), least, s.balance_abs, s.balance_rel):
-            continue
-        key = (index.size_of(ep.id), ep_load)
-        if key < best_key:
-            best_key, best = key, [ep]
-        elif key == best_key:
-            best.append(ep)
+    accepted = [
+        (ep, x) for ep, x in zip(candidates, loads)
+        if ep is coolest or not _imbalanced(plain_load(ep), least, s.balance_abs, s.balance_rel)
+    ]  # fmt: skip
+    return _lowest([ep for ep, _ in accepted], [(index.size_of(ep.id), x) for ep, x in accepted], rng)
+
+
+def _lowest(candidates: Sequence[Endpoint], keys: Sequence[tuple[float, ...]], rng: random.Random) -> Endpoint:
+    """The candidate with the lowest key; ties at random."""
+    best_key = min(keys)
+    best = [ep for ep, key in zip(candidates, keys) if key == best_key]
     return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
 
 

@@ -70,16 +70,25 @@ async def test_delete_finishes_when_the_client_leaves_halfway(gateway, no_proces
     assert control.managed_ids() == []
 
 
-async def test_reload_finishes_when_the_client_leaves_halfway(gateway, no_processes, tmp_path):
+async def managed_from_file(gateway, tmp_path, config: dict):
+    """A gateway whose control plane reads ``config`` from a file (gw.yaml) and runs its managed
+    workers (in-memory stand-ins): (control, config path)."""
     from tests.gateway_proc import write_yaml
 
     config_path = tmp_path / "gw.yaml"
-    old = {"state_dir": str(tmp_path / "state"), "managed_workers": [spec_body(8001, "a")]}
-    write_yaml(config_path, old)
-    client = await gateway(old)
+    write_yaml(config_path, config)
+    client = await gateway(config)
     control = client.app[CONTROL_KEY]
     control.config_path = str(config_path)
     await control.start_managed("http://127.0.0.1:1")
+    return client, control, config_path
+
+
+async def test_reload_finishes_when_the_client_leaves_halfway(gateway, no_processes, tmp_path):
+    from tests.gateway_proc import write_yaml
+
+    old = {"state_dir": str(tmp_path / "state"), "managed_workers": [spec_body(8001, "a")]}
+    client, control, config_path = await managed_from_file(gateway, tmp_path, old)
     write_yaml(config_path, {**old, "managed_workers": [spec_body(8001, "a") | {"max_model_len": 64}]})
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.post("/v1/admin/config/reload"), timeout=0.05)
@@ -180,13 +189,8 @@ async def test_a_config_finished_while_a_reload_applies_its_first_half_is_applie
     from ichat.gateway import control as control_module
     from tests.gateway_proc import write_yaml
 
-    config_path = tmp_path / "gw.yaml"
     full = {"state_dir": str(tmp_path / "state"), "managed_workers": [spec_body(8001, "a")]}
-    write_yaml(config_path, full)
-    client = await gateway(full)
-    control = client.app[CONTROL_KEY]
-    control.config_path = str(config_path)
-    await control.start_managed("http://127.0.0.1:1")
+    _, control, config_path = await managed_from_file(gateway, tmp_path, full)
     real_load = control_module.load_config
 
     def read_then_finish_the_write(path):
