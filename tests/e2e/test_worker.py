@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
 import time
 
 import httpx
@@ -170,34 +169,37 @@ def test_logs_backlog_then_live_lines_in_order(worker):
 
 
 def test_aborted_stream_leaves_no_running_request(worker):
-    gauge = ("ichat_worker_engine_unfinished_requests", ())
+    engine_gauge = ("ichat_worker_engine_unfinished_requests", ())
+    inflight_gauge = ("ichat_worker_requests_inflight", (("route", "completions"),))
     body = {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", worker.base_url + "/v1/completions", json=body, timeout=60) as resp:
         chunks = resp.iter_lines()
         for _ in range(5):
             next(chunks)
-        assert metric_samples(worker.base_url)[gauge] == 1
-    # the client closed the connection mid-stream
-    wait_until(lambda: metric_samples(worker.base_url)[gauge] == 0, timeout=10, what="engine request aborted")
+        assert metric_samples(worker.base_url)[engine_gauge] == 1
+    # the client closed the connection mid-stream: the engine drops the request and the
+    # worker's handler ends (a handler left behind would count as in flight for ever)
+    wait_until(lambda: metric_samples(worker.base_url)[engine_gauge] == 0, timeout=10, what="engine request aborted")
+    wait_until(lambda: metric_samples(worker.base_url)[inflight_gauge] == 0, timeout=10, what="handler ended")
     assert httpx.get(worker.base_url + "/health").status_code == 200
 
 
 def test_sigterm_drains_in_flight_request_then_exits_0(worker):
-    """Last in this module: it stops the shared worker."""
-    result = {}
+    """Last in this module: it stops the shared worker.
 
-    def long_request():
-        body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True}
-        result["resp"] = httpx.post(worker.base_url + "/v1/completions", json=body, timeout=120)
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    wait_until(
-        lambda: metric_samples(worker.base_url)[("ichat_worker_requests_inflight", (("route", "completions"),))] == 1,
-        timeout=10, what="request in flight",
-    )
-    worker.popen.send_signal(signal.SIGTERM)
-    thread.join(120)
-    assert result["resp"].status_code == 200
-    assert result["resp"].json()["usage"]["completion_tokens"] == 64
+    The request streams, so it is in flight for certain when the signal is sent: its first token
+    has arrived and 255 have not. (Polling a gauge for a short request raced a fast engine.)"""
+    body = {
+        "model": "smollm2", "prompt": "Once upon a time", "max_tokens": 256, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    with httpx.stream("POST", worker.base_url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        events = (line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: "))
+        first = next(events)
+        assert first != "[DONE]"
+        worker.popen.send_signal(signal.SIGTERM)
+        rest = list(events)
+    assert rest[-1] == "[DONE]", "the stream ends properly, not cut by the shutdown"
+    assert json.loads(rest[-2])["usage"]["completion_tokens"] == 256
     assert worker.popen.wait(60) == 0
