@@ -1,14 +1,14 @@
 """Cost of the routing policies per request, and cache_aware's index memory bound.
 
-    python benchmarks/routing_policy_cost.py [--requests 20000] [--distinct 1000000] [--json out.json]
+    python benchmarks/routing_policy_cost.py [--requests 20000] [--rounds 5] [--distinct 1000000] [--json out.json]
 
 Two measurements, in one process, no sockets:
 
 1. Time per ``select`` for a chat request of about 8 KB of prompt (a 6 KB tenant system prompt
    shared by many requests plus a 2 KB question of its own), over a pool of 8 endpoints whose
    index already holds 64 tenants, for cache_aware, session_affinity, least_inflight and
-   round_robin (the baseline, measured in the same run). Only the policy: the body is parsed
-   beforehand, as the proxy has parsed it already.
+   round_robin (the baseline, measured in the same run, in turns with the others). Only the
+   policy: the body is parsed beforehand, as the proxy has parsed it already.
 2. Memory: ``--distinct`` distinct prompts (1 KB each) through cache_aware on 4 endpoints with
    the default bound; the number of index entries must stay at or under the bound and the
    memory the index holds (tracemalloc) under the bytes stated in the README.
@@ -63,42 +63,55 @@ def time_policy(policy, eps, requests: list[RequestInfo], rng: random.Random) ->
     return samples
 
 
-def cost(n: int) -> dict:
+def cost(n: int, rounds: int) -> dict:
+    """Each policy is timed over the same ``n`` requests, in ``rounds`` slices taken in turn
+    (policy A's slice 1, B's slice 1, ..., A's slice 2, ...), so that a noisy neighbour slows
+    every policy alike; the ratio to round robin is the figure to compare across machines."""
     rng = random.Random(0)
     eps = [Endpoint(id=f"worker-{i}", model_name="m", api_base=f"http://10.0.0.{i}:8000/v1") for i in range(8)]
+    warm = n // 4  # these teach the index the tenants; they are not timed
     requests = []
-    for i in range(n):
+    for i in range(warm + n):
         tenant = rng.randrange(64)
         question = f"Question {i}: " + "".join(rng.choice("abcdefghij ") for _ in range(2048))
         requests.append(RequestInfo("m", "/v1/chat/completions", 8192, body=chat_body(tenant, question)))
     print(f"prompt size: {len(chat_body(0, requests[0].body['messages'][1]['content'])['messages'][0]['content']) + 2048} chars")
-    results = {}
-    for name, policy in (
-        ("round_robin", RoundRobin()),
-        ("least_inflight", LeastInflight()),
-        ("session_affinity", SessionAffinity()),
-        ("cache_aware", CacheAware()),
-        ("cache_aware_precise", CacheAware()),
-    ):
+    policies = {
+        "round_robin": RoundRobin(),
+        "least_inflight": LeastInflight(),
+        "session_affinity": SessionAffinity(),
+        "cache_aware": CacheAware(),
+        "cache_aware_precise": CacheAware(),
+    }
+    endpoints = {}
+    for name, policy in policies.items():
+        pool = [Endpoint(id=ep.id, model_name="m", api_base=ep.api_base) for ep in eps]  # load of its own
         configure = getattr(policy, "configure", None)
         precise = name == "cache_aware_precise"
         if configure:
             configure(RoutingSettings(cache_aware=CacheAwareSettings(precise=True)) if precise else RoutingSettings())
-        for ep in eps:
-            ep.cached_prefixes = None
-        time_policy(policy, eps, requests[: n // 4], rng)  # warm: the index learns the tenants
+        time_policy(policy, pool, requests[:warm], rng)
         if precise:  # each endpoint reports what it was sent: the engines' view of the same prompts
-            for ep in eps:
+            for ep in pool:
                 ep.cached_prefixes = CachedPrefixes()
                 sent = list(policy.index._lru[ep.id].current)[-MAX_PREFIX_REPORT_BLOCKS:]
                 ep.cached_prefixes.apply(ep.id, {"seq": 0, "full": True, "added": sent})
-        gc.collect()
-        samples = time_policy(policy, eps, requests, rng)
-        samples.sort()
+        endpoints[name] = pool
+    samples: dict[str, list[float]] = {name: [] for name in policies}
+    bounds = [warm + n * r // rounds for r in range(rounds + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        for name, policy in policies.items():
+            gc.collect()
+            samples[name] += time_policy(policy, endpoints[name], requests[lo:hi], rng)
+    results = {}
+    baseline = statistics.median(samples["round_robin"])
+    for name, policy in policies.items():
+        ours = sorted(samples[name])
         results[name] = {
-            "p50_us": statistics.median(samples),
-            "p99_us": samples[int(len(samples) * 0.99)],
-            "mean_us": statistics.fmean(samples),
+            "p50_us": statistics.median(ours),
+            "p99_us": ours[int(len(ours) * 0.99)],
+            "mean_us": statistics.fmean(ours),
+            "p50_vs_round_robin": statistics.median(ours) / baseline,
         }
         if isinstance(policy, CacheAware):
             results[name]["hits"] = policy.decisions["hit"]
@@ -147,13 +160,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--distinct", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5, help="slices each policy's timing is taken in, in turn")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args()
-    results = {"cost": cost(args.requests), "memory": memory(args.distinct)}
-    print(f"{'policy':<20}{'p50 µs':>10}{'p99 µs':>10}{'mean µs':>10}")
+    results = {"cost": cost(args.requests, args.rounds), "memory": memory(args.distinct)}
+    print(f"{'policy':<20}{'p50 µs':>10}{'p99 µs':>10}{'mean µs':>10}{'p50 / rr':>10}")
     for name, r in results["cost"].items():
-        print(f"{name:<20}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}{r['mean_us']:>10.1f}")
+        print(f"{name:<20}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}{r['mean_us']:>10.1f}{r['p50_vs_round_robin']:>10.1f}")
     m = results["memory"]
     print(
         f"index after {m['distinct_prompts']:,} distinct prompts: {m['entries']:,} entries (peak {m['peak_entries']:,}, "

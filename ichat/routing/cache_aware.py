@@ -113,27 +113,25 @@ class PrefixIndex:
         if gens is None or not hashes:
             return 0
         oldest = now - (self.ttl_s if max_age is None else min(max_age, self.ttl_s))
-        current, previous = gens.current.get, gens.previous.get
-
-        def held(h: int) -> bool:
-            seen = current(h)
-            if seen is None:
-                seen = previous(h)
-            return seen is not None and seen >= oldest
-
-        if not held(hashes[0]):
-            return 0
+        current, previous = gens.current, gens.previous
+        if not _held(current, previous, hashes[0], oldest):
+            return 0  # the common case, inlined no further: one probe per generation
         n = len(hashes)
-        if held(hashes[n - 1]):
+        if _held(current, previous, hashes[n - 1], oldest):
             return n
         lo, hi = 1, n - 1  # held(hashes[lo - 1]) and not held(hashes[hi]): the answer is in [lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
-            if held(hashes[mid]):
+            if _held(current, previous, hashes[mid], oldest):
                 lo = mid + 1
             else:
                 hi = mid
         return lo
+
+    def holds(self, endpoint_id: str, block_hash: int, now: float, max_age: float) -> bool:
+        """Whether the endpoint holds this block, used within ``max_age`` seconds (and the TTL)."""
+        gens = self._lru.get(endpoint_id)
+        return gens is not None and _held(gens.current, gens.previous, block_hash, now - min(max_age, self.ttl_s))
 
     def learn(self, endpoint_id: str, hashes: Sequence[int], now: float) -> None:
         gens = self._lru.get(endpoint_id)
@@ -144,9 +142,8 @@ class PrefixIndex:
             hashes = hashes[:half]  # the prefix is what matters; a bound smaller than a prompt
         if len(gens.current) + len(hashes) > half:
             gens.rotate()
-        current = gens.current
-        for h in hashes:
-            current[h] = now  # one float object shared by the request's entries
+        # One float object shared by the request's entries; fromkeys + update stay in C.
+        gens.current.update(dict.fromkeys(hashes, now))
         gens.current_last = now
 
     def expire(self, now: float) -> None:
@@ -237,26 +234,29 @@ class CacheAware:
         self.prompt_blocks += units
         self.matched_blocks += best_depth
 
-        loads = [load.of(ep, now) for ep in candidates]
-        coolest = _least_loaded_deepest(candidates, loads, depths, index, rng)
         if best_depth and best_depth / units >= s.match_threshold:
-            chosen = _least_loaded_deepest(
-                [ep for ep, d in zip(candidates, depths) if d == best_depth],
-                [x for x, d in zip(loads, depths) if d == best_depth],
-                [best_depth] * depths.count(best_depth),
-                index,
-                rng,
-            )
-            # The gate compares requests in flight (and reported), not the prefill weight: a
-            # burst for one prefix may fill its home up to the gate before it spreads.
-            if coolest is not chosen and _imbalanced(plain_load(chosen), plain_load(coolest), s.balance_abs, s.balance_rel):
-                chosen, outcome = coolest, OVERRIDDEN
+            matched = [ep for ep, d in zip(candidates, depths) if d == best_depth]
+            if len(matched) == 1:
+                chosen = matched[0]
             else:
-                outcome = HIT
+                chosen = _least_loaded_deepest(
+                    matched, [load.of(ep, now) for ep in matched], [best_depth] * len(matched), index, rng
+                )
+            # The gate compares requests in flight (and reported), not the prefill weight: a
+            # burst for one prefix may fill its home up to the gate before it spreads. It cannot
+            # fire unless the chosen endpoint is more than balance_abs above the pool's lowest
+            # load, so the pool's full ranking is only made then (most hits skip it).
+            chosen_load = plain_load(chosen)
+            outcome = HIT
+            if chosen_load - min(map(plain_load, candidates)) > s.balance_abs:
+                coolest = _least_loaded_deepest(candidates, [load.of(ep, now) for ep in candidates], depths, index, rng)
+                if coolest is not chosen and _imbalanced(chosen_load, plain_load(coolest), s.balance_abs, s.balance_rel):
+                    chosen, outcome = coolest, OVERRIDDEN
         else:
-            chosen, outcome = coolest, MISS
+            loads = [load.of(ep, now) for ep in candidates]
+            chosen, outcome = _least_loaded_deepest(candidates, loads, depths, index, rng), MISS
             if s.spread_new_prefixes:
-                chosen = _smallest_index_within_gate(candidates, loads, coolest, index, s, rng)
+                chosen = _smallest_index_within_gate(candidates, loads, chosen, index, s, rng)
         self.decisions[outcome] += 1
         index.learn(chosen.id, hashes, now)
         load.dispatched(chosen, now)
@@ -297,7 +297,19 @@ def _precise_depth(ep: Endpoint, hashes: list[int], index: PrefixIndex, now: flo
     reported = ep.cached_prefixes
     if reported is None or not reported.synced:
         return index.depth(ep.id, hashes, now)
-    return max(reported.depth(hashes), index.depth(ep.id, hashes, now, grace) if grace else 0)
+    depth = reported.depth(hashes)
+    # The index's "held" is monotone along the chain: it can only go deeper than the report if
+    # it holds the first block the report lacks, so one probe settles most endpoints.
+    if depth < len(hashes) and grace and index.holds(ep.id, hashes[depth], now, grace):
+        return max(depth, index.depth(ep.id, hashes, now, grace))
+    return depth
+
+
+def _held(current: dict[int, float], previous: dict[int, float], h: int, oldest: float) -> bool:
+    seen = current.get(h)
+    if seen is None:
+        seen = previous.get(h)
+    return seen is not None and seen >= oldest
 
 
 def _least_loaded_deepest(
@@ -309,8 +321,13 @@ def _least_loaded_deepest(
     On a miss (a match below the threshold) the load decides; a tie, common in a quiet pool,
     goes where part of the prompt may still be cached, else where the least is cached, so
     that new prefixes spread evenly over the pool's cache capacity."""
-    sizes = index.size_of
-    return _lowest(candidates, [(x, -d, sizes(ep.id)) for ep, x, d in zip(candidates, loads, depths)], rng)
+    keys = [(x, -d) for x, d in zip(loads, depths)]
+    best_key = min(keys)
+    tied = [ep for ep, key in zip(candidates, keys) if key == best_key]
+    if len(tied) == 1:
+        return tied[0]
+    sizes = index.size_of  # only ties need the index sizes
+    return _lowest(tied, [(sizes(ep.id),) for ep in tied], rng)
 
 
 def _smallest_index_within_gate(

@@ -65,9 +65,10 @@ def _render_messages(messages: list[Any], max_chars: int) -> str:
             content = _parts_text(content, max_chars - size)
         elif not isinstance(content, str):
             content = ""
-        piece = f"{role if isinstance(role, str) else ''}\x1f{content}\x1e"
-        parts.append(piece)
-        size += len(piece)
+        if not isinstance(role, str):
+            role = ""
+        parts += (role, "\x1f", content, "\x1e")  # joined once below: the text is copied once
+        size += len(role) + len(content) + 2
     text = "".join(parts)
     return text[:max_chars] if size > max_chars else text
 

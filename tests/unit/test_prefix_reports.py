@@ -18,7 +18,7 @@ from ichat.protocol import (
     prefix_header,
 )
 from ichat.routing import Endpoint, RequestInfo
-from ichat.routing.cache_aware import CacheAware
+from ichat.routing.cache_aware import CacheAware, PrefixIndex, _precise_depth
 from ichat.routing.cachereport import CachedPrefixes
 from ichat.routing.prompt import block_hashes, prompt_of, prompt_units
 from ichat.worker.prefixcache import PrefixCacheTracker, token_chain
@@ -260,6 +260,22 @@ def test_precise_mode_sends_the_blocks_and_trusts_the_engines_report():
     report_all(other, hashes[:4], seq=1)
     assert p.select(eps, chat(SYSTEM, "q3"), rng) is other
     assert p.decisions["hit"] == 2
+
+
+def test_precise_depth_is_the_deeper_of_the_report_and_the_dispatches_within_the_grace():
+    ep = Endpoint(id="e0", model_name="m", api_base="http://h0:8000/v1")
+    index = PrefixIndex(max_blocks=1000, ttl_s=600.0)
+    hashes = [11, 12, 13, 14, 15, 16, 17, 18]
+    index.learn(ep.id, hashes[:6], now=100.0)
+    report_all(ep, hashes[:3])
+    assert _precise_depth(ep, hashes, index, now=101.0, grace=2.0) == 6  # sent, not reported yet
+    assert _precise_depth(ep, hashes, index, now=105.0, grace=2.0) == 3  # past the grace: the report
+    assert _precise_depth(ep, hashes, index, now=101.0, grace=0.0) == 3  # no grace: the report only
+    report_all(ep, hashes, seq=1)
+    assert _precise_depth(ep, hashes, index, now=101.0, grace=2.0) == 8  # the report deeper than the index
+    report_all(ep, [], seq=2)
+    assert _precise_depth(ep, hashes, index, now=101.0, grace=2.0) == 6
+    assert _precise_depth(ep, [99, *hashes], index, now=101.0, grace=2.0) == 0  # another prompt
 
 
 def test_precise_mode_falls_back_to_the_index_for_endpoints_that_do_not_report():
