@@ -2,6 +2,7 @@
 
     python benchmarks/batching_upstream.py --port 9200 [--step-ms 20] [--prefill-us-per-token 8]
         [--budget 4096] [--hit 0.47] [--prompt-tokens 2176] [--cached-tokens 2048]
+        [--prefix-cache-tokens 0]
 
 Not an engine and not a test double: a stand-in for the one property of an engine that decides
 how least-in-flight routing behaves under a closed loop. One scheduler loop per process, as in
@@ -13,7 +14,14 @@ each admitting step took in (a burst of arrivals shows as large numbers) and res
 or ``prompt_tokens - cached_tokens`` with probability ``hit`` (a prefix-cache hit). It stops
 after ``max_tokens`` tokens (``data: [DONE]``). ``GET /health`` answers 200.
 
-Used by ``benchmarks/least_inflight_herding.py``.
+With ``--prefix-cache-tokens N`` the hit is no coin: the request's first message is its shared
+prefix (``cached_tokens`` long), and the process keeps an LRU of the prefixes whose KV would fit
+in N tokens; a request hits when its prefix is there (an engine's automatic prefix caching, at
+the grain of whole prefixes). ``GET /stats`` then also returns ``hits``, ``queries`` and
+``distinct_prefixes`` (and
+``?reset_cache=1`` empties the cache, as a benchmark resets an engine's prefix cache).
+
+Used by ``benchmarks/least_inflight_herding.py`` and ``benchmarks/prefix_placement.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import asyncio
 import random
 import time
+from collections import OrderedDict
 
 import orjson
 from aiohttp import web
@@ -51,10 +60,30 @@ class Scheduler:
         self.steps = 0
         #: per step that admitted new requests: how many it admitted (bounded: the last 100k)
         self.admitted: list[int] = []
+        #: --prefix-cache-tokens: the prefixes held, oldest use first
+        self.prefixes: OrderedDict[str, None] = OrderedDict()
+        self.hits = self.queries = 0
+        self.seen: set[str] = set()  # distinct prefixes since the last /stats
 
-    def submit(self, out: int) -> Request:
+    def cached(self, prefix: str) -> bool:
+        """Whether the prompt's prefix is cached (and, either way, it is now, as the newest)."""
         a = self.args
-        prefill = a.prompt_tokens - (a.cached_tokens if self.rng.random() < a.hit else 0)
+        if not a.prefix_cache_tokens:
+            return self.rng.random() < a.hit
+        self.queries += 1
+        self.seen.add(prefix)
+        if prefix in self.prefixes:
+            self.prefixes.move_to_end(prefix)
+            self.hits += 1
+            return True
+        self.prefixes[prefix] = None
+        while len(self.prefixes) * a.cached_tokens > a.prefix_cache_tokens:
+            self.prefixes.popitem(last=False)
+        return False
+
+    def submit(self, out: int, prefix: str = "") -> Request:
+        a = self.args
+        prefill = a.prompt_tokens - (a.cached_tokens if self.cached(prefix) else 0)
         request = Request(prefill, out)
         self.waiting.append(request)
         self.wake.set()
@@ -109,7 +138,8 @@ class Scheduler:
 async def chat(request: web.Request) -> web.StreamResponse:
     scheduler: Scheduler = request.app[SCHEDULER]  # type: ignore[assignment]
     body = orjson.loads(await request.read())
-    job = scheduler.submit(int(body.get("max_tokens") or 16))
+    messages = body.get("messages") or [{}]
+    job = scheduler.submit(int(body.get("max_tokens") or 16), str(messages[0].get("content")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
@@ -128,10 +158,16 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """How many requests each admitting step took in, since the last call (then reset)."""
+    """How many requests each admitting step took in, and the prefix cache's hits and queries,
+    since the last call (then reset)."""
     scheduler: Scheduler = request.app[SCHEDULER]  # type: ignore[assignment]
     admitted, scheduler.admitted = scheduler.admitted, []
-    return web.json_response({"admitted_per_step": admitted})
+    counts = {"hits": scheduler.hits, "queries": scheduler.queries, "distinct_prefixes": len(scheduler.seen)}
+    scheduler.hits = scheduler.queries = 0
+    scheduler.seen = set()
+    if request.query.get("reset_cache"):
+        scheduler.prefixes.clear()
+    return web.json_response({"admitted_per_step": admitted, **counts})
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
@@ -160,6 +196,7 @@ def main() -> None:
     parser.add_argument("--hit", type=float, default=0.47)
     parser.add_argument("--prompt-tokens", type=int, default=2176)
     parser.add_argument("--cached-tokens", type=int, default=2048)
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0, help="an LRU of whole prefixes instead of --hit")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     args = parser.parse_args()
     web.run_app(build_app(args), host="127.0.0.1", port=args.port, print=None, access_log=None)

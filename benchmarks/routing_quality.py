@@ -186,11 +186,13 @@ def cpu_binding(replica: int) -> dict[str, str]:
 
 
 def set_policy(gateway: GatewayProc, policy: str, extra: dict[str, Any] | None = None) -> None:
-    config = dict(gateway.config)
-    config["routing"] = {"policy": policy, **(extra or {})}
-    write_yaml(gateway.config_path, config)
-    resp = httpx.post(gateway.base_url + "/v1/admin/config/reload", timeout=30)
-    resp.raise_for_status()
+    """The policy and its settings, by config reload, through round_robin first: a policy whose
+    name is unchanged keeps its instance over a reload (the hot-reload contract), and each run
+    must start with an empty index (the engines' caches are reset too)."""
+    for routing in ({"policy": "round_robin"}, {"policy": policy, **(extra or {})}):
+        write_yaml(gateway.config_path, dict(gateway.config, routing=routing))
+        resp = httpx.post(gateway.base_url + "/v1/admin/config/reload", timeout=30)
+        resp.raise_for_status()
 
 
 def start_peer(tmp: Path, workers: list[WorkerProc], policy: str) -> tuple[Proc | None, str]:
