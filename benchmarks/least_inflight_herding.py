@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -47,25 +48,23 @@ SWEEP = {
 }
 
 
-async def one(session: aiohttp.ClientSession, url: str, out: int) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    ttft = None
-    async with session.post(url, json={"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": out, "stream": True}) as resp:
-        upstream = resp.headers.get("X-Upstream", "")
-        async for line in resp.content:
-            if ttft is None and line.startswith(b"data: {"):
-                ttft = time.perf_counter() - t0
-    return (ttft if ttft is not None else float("nan")), upstream
-
-
-async def closed_loop(url: str, n: int, concurrency: int, out: int) -> list[float]:
-    todo = iter(range(n))
+async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[float]:
+    """Send ``bodies`` (streamed chat requests) from ``concurrency`` clients, each sending its
+    next the moment its last ends, as ``vllm bench serve`` does; each one's TTFT (to the first
+    token), in seconds."""
+    todo = iter(bodies)
     ttfts: list[float] = []
 
     async def client(session: aiohttp.ClientSession) -> None:
-        for _ in todo:
-            ttft, _ = await one(session, url, out)
-            ttfts.append(ttft)
+        for body in todo:
+            t0 = time.perf_counter()
+            ttft = None
+            async with session.post(url, json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.content:
+                    if ttft is None and line.startswith(b"data: {"):
+                        ttft = time.perf_counter() - t0
+            ttfts.append(ttft if ttft is not None else float("nan"))
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
@@ -106,7 +105,8 @@ def main() -> int:
                     for p in ports:
                         httpx.get(f"http://127.0.0.1:{p}/stats", timeout=5)  # reset
                     t0 = time.perf_counter()
-                    ttfts = asyncio.run(closed_loop(gateway.base_url + "/v1/chat/completions", args.requests, args.concurrency, args.output_tokens))
+                    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": args.output_tokens, "stream": True}
+                    ttfts = asyncio.run(closed_loop(gateway.base_url + "/v1/chat/completions", [body] * args.requests, args.concurrency))
                     elapsed = time.perf_counter() - t0
                     admitted = [httpx.get(f"http://127.0.0.1:{p}/stats", timeout=5).json()["admitted_per_step"] for p in ports]
                     groups = [g for a in admitted for g in a]

@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from least_inflight_herding import closed_loop  # noqa: E402
 from routing_quality import router_settings, set_policy  # noqa: E402
 from tests.gateway_proc import GatewayProc  # noqa: E402
 from tests.procs import Proc, free_port, wait_until  # noqa: E402
@@ -80,27 +80,6 @@ def prompts(workload: dict[str, int], seed: int) -> list[dict[str, Any]]:
         }
         for i, k in enumerate(chosen)
     ]
-
-
-async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[float]:
-    todo = iter(bodies)
-    ttfts: list[float] = []
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        for body in todo:
-            t0 = time.perf_counter()
-            ttft = None
-            async with session.post(url, json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.content:
-                    if ttft is None and line.startswith(b"data: {"):
-                        ttft = time.perf_counter() - t0
-            ttfts.append(ttft if ttft is not None else float("nan"))
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return ttfts
 
 
 def main() -> int:
