@@ -5,8 +5,8 @@
 
 The GPU run (README "Routing quality (GPU)") found that ``cache_aware`` placed a new prefix on
 the least loaded replica, so under closed-loop load 8 of 12 long prefixes could land on one
-replica and stay there; ``spread_new_prefixes`` places it by index size instead, and no device
-time was left to measure it. This measures the placement without an engine or a GPU: two
+replica and stay there; ``spread_new_prefixes`` places it by index size instead, and it has not
+run on a GPU yet. This measures the placement without an engine or a GPU: two
 ``batching_upstream.py`` processes (continuous batching in real time, chunked prefill) with
 ``--prefix-cache-tokens``, an LRU of whole prefixes whose KV fits in that many tokens (the
 GPU run's 3,000 blocks of 16 tokens), the real gateway in front (static routes; its policy
