@@ -138,8 +138,9 @@ class Scheduler:
 async def chat(request: web.Request) -> web.StreamResponse:
     scheduler: Scheduler = request.app[SCHEDULER]  # type: ignore[assignment]
     body = orjson.loads(await request.read())
-    messages = body.get("messages") or [{}]
-    job = scheduler.submit(int(body.get("max_tokens") or 16), str(messages[0].get("content")))
+    messages = body.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    job = scheduler.submit(int(body.get("max_tokens") or 16), str(first.get("content")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,28 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) 
     return ttfts
 
 
+@contextlib.contextmanager
+def stand_in_cluster(tmp: Path, upstream_argv: list[str]) -> Iterator[tuple[GatewayProc, list[int]]]:
+    """Two ``batching_upstream.py`` processes (flags ``upstream_argv``) behind a real gateway with
+    static routes, up and answering: (gateway, the upstreams' ports); all stopped on exit."""
+    ports = [free_port(), free_port()]
+    procs: list[Proc] = []
+    try:
+        for i, port in enumerate(ports):
+            argv = [sys.executable, str(HERE / "batching_upstream.py"), "--port", str(port), "--seed", str(i), *upstream_argv]
+            procs.append(Proc(argv, tmp / f"up{i}.log"))
+        routes = [{"model_name": "m", "api_base": f"http://127.0.0.1:{port}/v1"} for port in ports]
+        gateway = GatewayProc(tmp, {"routes": routes, "routing": {"policy": "round_robin"}})
+        procs.append(gateway)
+        for port in ports:
+            wait_until(lambda port=port: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 30, what="upstream")
+        gateway.wait_up()
+        yield gateway, ports
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=640)
@@ -86,16 +110,7 @@ def main() -> int:
     results: dict[str, list[dict]] = {name: [] for name in ROUTERS}
     with tempfile.TemporaryDirectory(prefix="ichat-herding-") as tmp_name:
         tmp = Path(tmp_name)
-        ports = [free_port(), free_port()]
-        ups = [
-            Proc([sys.executable, str(HERE / "batching_upstream.py"), "--port", str(p), "--seed", str(i), *args.upstream_args.split()], tmp / f"up{i}.log")
-            for i, p in enumerate(ports)
-        ]
-        gateway = GatewayProc(tmp, {"routes": [{"model_name": "m", "api_base": f"http://127.0.0.1:{p}/v1"} for p in ports], "routing": {"policy": "round_robin"}})
-        try:
-            for p in ports:
-                wait_until(lambda p=p: httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200, 30, what="upstream")
-            gateway.wait_up()
+        with stand_in_cluster(tmp, args.upstream_args.split()) as (gateway, ports):
             names = list(ROUTERS)
             for round_no in range(args.rounds):
                 order = names[round_no % len(names):] + names[: round_no % len(names)]
@@ -122,10 +137,6 @@ def main() -> int:
                     results[name].append(r)
                     print(f"round {round_no} {name:<22} TTFT p50 {r['p50']:.0f} ms p90 {r['p90']:.0f} ms, split {r['split']}, "
                           f"arrivals per admitting step {r['group_mean']:.2f} (>= 4: {r['groups_4plus']:.0%}), {r['req_s']:.1f} req/s", flush=True)
-        finally:
-            gateway.stop()
-            for up in ups:
-                up.stop()
     print(f"\n{'router':<22}{'TTFT p50 ms':>12}{'p90':>8}{'arrivals/step':>15}{'>=4':>7}{'req/s':>8}")
     for name, rs in results.items():
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731

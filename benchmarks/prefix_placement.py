@@ -46,10 +46,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from least_inflight_herding import closed_loop  # noqa: E402
+from least_inflight_herding import closed_loop, stand_in_cluster  # noqa: E402
 from routing_quality import router_settings, set_policy  # noqa: E402
-from tests.gateway_proc import GatewayProc  # noqa: E402
-from tests.procs import Proc, free_port, wait_until  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 CACHE_TOKENS = 3000 * 16
@@ -96,27 +94,13 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     seed = args.seed
     with tempfile.TemporaryDirectory(prefix="ichat-placement-") as tmp_name:
-        tmp = Path(tmp_name)
-        gateway: GatewayProc | None = None
-        ups: list[Proc] = []
-        try:
-            for workload_name in workloads:
-                w = WORKLOADS[workload_name]
-                ports = [free_port(), free_port()]
-                upstream_argv = [
-                    "--prompt-tokens", str(w["prefix_tokens"] + w["suffix_tokens"]), "--cached-tokens", str(w["prefix_tokens"]),
-                    "--prefix-cache-tokens", str(CACHE_TOKENS), *args.upstream_args.split(),
-                ]  # fmt: skip
-                ups = [
-                    Proc([sys.executable, str(HERE / "batching_upstream.py"), "--port", str(p), "--seed", str(i), *upstream_argv], tmp / f"up{i}.log")
-                    for i, p in enumerate(ports)
-                ]
-                gateway = GatewayProc(
-                    tmp, {"routes": [{"model_name": "m", "api_base": f"http://127.0.0.1:{p}/v1"} for p in ports], "routing": {"policy": "round_robin"}}
-                )
-                for p in ports:
-                    wait_until(lambda p=p: httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200, 30, what="upstream")
-                gateway.wait_up()
+        for workload_name in workloads:
+            w = WORKLOADS[workload_name]
+            upstream_argv = [
+                "--prompt-tokens", str(w["prefix_tokens"] + w["suffix_tokens"]), "--cached-tokens", str(w["prefix_tokens"]),
+                "--prefix-cache-tokens", str(CACHE_TOKENS), *args.upstream_args.split(),
+            ]  # fmt: skip
+            with stand_in_cluster(Path(tmp_name), upstream_argv) as (gateway, ports):
                 for round_no in range(args.rounds):
                     order = routers[round_no % len(routers) :] + routers[: round_no % len(routers)]
                     if round_no % 2:
@@ -150,16 +134,6 @@ def main() -> int:
                         )
                         if args.json:
                             args.json.write_text(json.dumps(results, indent=1))
-                gateway.stop()
-                gateway = None
-                for up in ups:
-                    up.stop()
-                ups = []
-        finally:
-            if gateway is not None:
-                gateway.stop()
-            for up in ups:
-                up.stop()
     print(f"\n{'workload':<18}{'router':<50}{'hit':>6}{'p50 ms':>8}{'p90 ms':>8}{'req/s':>7}  split (requests; prefixes)")
     for workload_name in workloads:
         for router in routers:

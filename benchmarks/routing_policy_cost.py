@@ -68,7 +68,6 @@ def cost(n: int, rounds: int) -> dict:
     (policy A's slice 1, B's slice 1, ..., A's slice 2, ...), so that a noisy neighbour slows
     every policy alike; the ratio to round robin is the figure to compare across machines."""
     rng = random.Random(0)
-    eps = [Endpoint(id=f"worker-{i}", model_name="m", api_base=f"http://10.0.0.{i}:8000/v1") for i in range(8)]
     warm = n // 4  # these teach the index the tenants; they are not timed
     requests = []
     for i in range(warm + n):
@@ -85,7 +84,7 @@ def cost(n: int, rounds: int) -> dict:
     }
     endpoints = {}
     for name, policy in policies.items():
-        pool = [Endpoint(id=ep.id, model_name="m", api_base=ep.api_base) for ep in eps]  # load of its own
+        pool = [Endpoint(id=f"worker-{i}", model_name="m", api_base=f"http://10.0.0.{i}:8000/v1") for i in range(8)]  # a load of its own
         configure = getattr(policy, "configure", None)
         precise = name == "cache_aware_precise"
         if configure:
