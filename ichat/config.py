@@ -183,19 +183,18 @@ class CacheAwareSettings:
     match_threshold: float = attrs.field(default=0.3, validator=_fraction)
     #: the imbalance gate: affinity is overridden (least loaded instead) when the matched
     #: endpoint's load exceeds the least loaded one's by more than balance_abs requests AND
-    #: by more than balance_rel times. 8: on an H100 (issue 17's GPU run), 2 overrode 3-4 % of
+    #: by more than balance_rel times. 32: on an H100 (issue 17's GPU runs), 2 overrode 3-4 % of
     #: matches at concurrency 32, and each override copied a 2,048-token prefix into the other
-    #: engine's full cache: hit rate 0.63 against 0.70 at 8 and 0.85 at 32; but 32 let a
-    #: long-prefix workload split 240/120 and doubled its TTFT p50 against round robin.
-    balance_abs: float = attrs.field(default=8.0, validator=_non_negative)
+    #: engine's full cache: hit rate 0.63 against 0.70 at 8 and 0.85 at 32. With new prefixes
+    #: placed by spread_new_prefixes, 32 no longer skews a long-prefix workload (180/180).
+    balance_abs: float = attrs.field(default=32.0, validator=_non_negative)
     balance_rel: float = attrs.field(default=1.5, validator=_at_least_one)
     #: a prompt with no match (a new prefix) goes to the endpoint with the smallest index among
     #: those the gate would accept (within balance_abs / balance_rel of the least loaded), not
     #: to the least loaded: new prefixes then spread by cache content, as sglang-router's
-    #: smallest tree does, but never onto an overloaded endpoint. Off by default: not yet
-    #: measured on a GPU (issue 17's long-prefix run put 8 of 12 prefixes on one replica
-    #: under load-based placement with the gate at 32)
-    spread_new_prefixes: bool = False
+    #: smallest tree does, but never onto an overloaded endpoint. Off, load-based placement put
+    #: 8 of 12 long prefixes on one replica with the gate at 32 (240/120 requests, TTFT p50 2x)
+    spread_new_prefixes: bool = True
     #: precise mode: trust what the engines report they hold (workers started with
     #: --report-prefix-cache) over what was sent to them; workers that do not report fall back
     #: to the approximate index
@@ -231,7 +230,7 @@ class MigrationSettings:
 @attrs.frozen
 class RoutingSettings:
     #: default policy name (entry points group ``ichat.routing``)
-    policy: str = attrs.field(default="least_inflight", validator=_policy_name)
+    policy: str = attrs.field(default="cache_aware", validator=_policy_name)
     #: model name -> policy name, overriding ``policy``
     per_model: dict[str, str] = attrs.field(factory=dict, validator=_policy_name)
     timeouts: Timeouts = attrs.Factory(Timeouts)

@@ -21,8 +21,10 @@ Choice, for each request:
    otherwise the least loaded endpoint of the pool (never "the one with the smallest index",
    which feeds a death spiral: sglang#14305); ties of load go to the deeper partial match,
    then to the smaller index (new prefixes spread evenly over the pool's cache capacity).
-   With ``spread_new_prefixes``, a miss goes instead to the endpoint with the smallest index
-   among those the imbalance gate (below) would accept next to the least loaded one.
+   With ``spread_new_prefixes`` (the default), a miss goes instead to the endpoint with the
+   deepest partial match, then the smallest index, among those the imbalance gate (below)
+   would accept next to the least loaded one: under a closed loop, load-based placement put 8
+   of 12 long prefixes on one replica, which affinity then held there (issue 17's GPU run).
 2. Imbalance gate: when the chosen endpoint's load exceeds the pool's least loaded one by more
    than ``balance_abs`` requests and by more than ``balance_rel`` times, the least loaded one
    takes the request instead. Its index then learns the prefix too, so a hot prefix ends up on
@@ -256,7 +258,7 @@ class CacheAware:
             loads = [load.of(ep, now) for ep in candidates]
             chosen, outcome = _least_loaded_deepest(candidates, loads, depths, index, rng), MISS
             if s.spread_new_prefixes:
-                chosen = _smallest_index_within_gate(candidates, loads, chosen, index, s, rng)
+                chosen = _smallest_index_within_gate(candidates, loads, depths, chosen, index, s, rng)
         self.decisions[outcome] += 1
         index.learn(chosen.id, hashes, now)
         load.dispatched(chosen, now)
@@ -331,18 +333,20 @@ def _least_loaded_deepest(
 
 
 def _smallest_index_within_gate(
-    candidates: Sequence[Endpoint], loads: list[float], coolest: Endpoint, index: PrefixIndex,
+    candidates: Sequence[Endpoint], loads: list[float], depths: list[int], coolest: Endpoint, index: PrefixIndex,
     s: CacheAwareSettings, rng: random.Random,
 ) -> Endpoint:
     """A new prefix's home: of the endpoints the imbalance gate would accept next to the
-    least loaded one, the one with the smallest index (the least cached, so prefixes spread
-    by cache content); ties to the less loaded, then at random."""
+    least loaded one, the one with the deepest partial match (what it holds is still reused,
+    e.g. a conversation whose new turn outgrew the threshold), then the smallest index (the
+    least cached, so new prefixes spread by cache content); ties to the less loaded, then at
+    random."""
     least = plain_load(coolest)
     accepted = [
-        (ep, x) for ep, x in zip(candidates, loads)
+        (ep, x, d) for ep, x, d in zip(candidates, loads, depths)
         if ep is coolest or not _imbalanced(plain_load(ep), least, s.balance_abs, s.balance_rel)
     ]  # fmt: skip
-    return _lowest([ep for ep, _ in accepted], [(index.size_of(ep.id), x) for ep, x in accepted], rng)
+    return _lowest([ep for ep, _, _ in accepted], [(-d, index.size_of(ep.id), x) for ep, x, d in accepted], rng)
 
 
 def _lowest(candidates: Sequence[Endpoint], keys: Sequence[tuple[float, ...]], rng: random.Random) -> Endpoint:

@@ -151,7 +151,7 @@ class Endpoint:
 class RoutingTable:
     def __init__(
         self,
-        default_policy: str = "least_inflight",
+        default_policy: str = "cache_aware",
         per_model: Mapping[str, str] | None = None,
         *,
         failures_to_eject: int = 3,

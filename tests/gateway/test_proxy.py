@@ -138,7 +138,7 @@ async def test_round_robin_spreads_requests_exactly(fake_upstream: MakeUpstream,
 async def test_least_inflight_prefers_the_idle_endpoint(fake_upstream: MakeUpstream, gateway: MakeGateway):
     a = await fake_upstream("a", "stream", chunks=100, delay=0.02)
     b = await fake_upstream("b", "stream", chunks=100, delay=0.02)
-    client = await gateway({"routes": routes("m", a, b)})  # least_inflight is the default
+    client = await gateway({"routes": routes("m", a, b), "routing": {"policy": "least_inflight"}})
 
     first = await client.post(CHAT, json={"model": "m", "stream": True})
     await first.content.readany()

@@ -116,7 +116,8 @@ def test_growing_conversation_follows_its_history():
 
 
 def test_a_miss_goes_to_the_least_loaded_not_to_the_smallest_index():
-    p, eps, rng = policy(), endpoints(3), random.Random(2)
+    # Load-based placement (spread_new_prefixes off); with it on, see the two tests at the end.
+    p, eps, rng = policy(spread_new_prefixes=False), endpoints(3), random.Random(2)
     eps[0].inflight, eps[1].inflight, eps[2].inflight = 3, 0, 5
     # e1 has the largest index, e0 the smallest: the load decides (sglang#14305's death spiral)
     for i in range(5):
@@ -125,14 +126,19 @@ def test_a_miss_goes_to_the_least_loaded_not_to_the_smallest_index():
     assert p.decisions["miss"] == 1
 
 
-def test_below_the_threshold_the_load_decides():
-    p, eps, rng = policy(match_threshold=0.6), endpoints(2), random.Random(3)
+@pytest.mark.parametrize("spread", [False, True])
+def test_below_the_threshold_the_load_decides_or_the_partial_match_within_the_gate(spread):
+    p, eps, rng = policy(match_threshold=0.6, spread_new_prefixes=spread), endpoints(2), random.Random(3)
     shared = "common head " * 30  # ~360 chars: 1 of the ~3.5 blocks below
     p.select(eps, chat(shared + "x" * 700), rng)
     target = p.select(eps, chat(shared + "x" * 700), rng)
     other = eps[1] if target is eps[0] else eps[0]
     target.inflight = 1
-    assert p.select(eps, chat(shared + "y" * 700), rng) is other  # matched ~0.3 < 0.6: least loaded
+    # matched ~0.3 < 0.6: the least loaded; spread_new_prefixes keeps the partial match instead,
+    # as its endpoint is within the gate (1 request busier)
+    assert p.select(eps, chat(shared + "y" * 700), rng) is (target if spread else other)
+    target.inflight = 40  # past the gate: the least loaded either way
+    assert p.select(eps, chat(shared + "z" * 700), rng) is other
 
 
 def test_imbalance_gate_overrides_affinity_and_replicates_the_prefix():
@@ -154,7 +160,7 @@ def test_imbalance_gate_overrides_affinity_and_replicates_the_prefix():
 
 
 def test_reported_load_counts_in_the_gate():
-    p, eps, rng = policy(), endpoints(2), random.Random(5)
+    p, eps, rng = policy(balance_abs=8), endpoints(2), random.Random(5)
     home = p.select(eps, chat(TENANT_A, "q"), rng)
     other = eps[1] if home is eps[0] else eps[0]
     home.reported_load = 20  # busy with another gateway's requests
@@ -303,9 +309,9 @@ def test_a_burst_for_one_prefix_spreads_once_its_home_is_busy_with_prefills():
     # Recent dispatches still in flight count as prefills: a burst of one tenant's requests
     # fills its home up to the gate, then replicates the prefix on the other endpoint.
     clock = Clock()
-    p, eps, rng = policy(clock, prefill_weight=2.0), endpoints(2), random.Random(12)
+    p, eps, rng = policy(clock, prefill_weight=2.0, balance_abs=8), endpoints(2), random.Random(12)
     homes = []
-    for i in range(12):  # past the default gate (8 requests and 1.5x)
+    for i in range(12):  # past the gate (8 requests and 1.5x)
         ep = p.select(eps, chat(TENANT_A, f"burst {i}"), rng)
         ep.inflight += 1  # as the proxy does at dispatch
         homes.append(ep.id)
@@ -366,7 +372,7 @@ def _new_prefixes_under_skewed_load(spread: bool) -> Counter:
 
 
 def test_new_prefixes_follow_the_load_unless_spread_by_index_size():
-    # Load-based placement (the default) follows the skew: all 12 on e0. With
+    # Load-based placement (spread_new_prefixes off) follows the skew: all 12 on e0. With
     # spread_new_prefixes they split by cache content, 6/6, and affinity keeps each one home.
     assert _new_prefixes_under_skewed_load(spread=False) == {"e0": 12}
     assert _new_prefixes_under_skewed_load(spread=True) == {"e0": 6, "e1": 6}
@@ -375,7 +381,7 @@ def test_new_prefixes_follow_the_load_unless_spread_by_index_size():
 def test_spread_new_prefixes_never_passes_the_gate():
     clock = Clock()
     for spread, within, past in ((True, "e1", "e0"), (False, "e0", "e0")):
-        p, eps, rng = policy(clock, spread_new_prefixes=spread), endpoints(2), random.Random(5)
+        p, eps, rng = policy(clock, spread_new_prefixes=spread, balance_abs=8), endpoints(2), random.Random(5)
         for k in range(4):  # e0's index holds 4 prefixes, e1's none
             p.index.learn("e0", block_hashes(prompt_of(chat(f"Warm {k}. " + "text " * 300, "q").body, 10**6), 256), clock())
         # within the gate (8 requests and 1.5x): the smaller index takes a new prefix, though busier

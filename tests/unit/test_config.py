@@ -62,7 +62,7 @@ def test_defaults():
         "info",
     )
     routing = config.routing
-    assert routing.policy == "least_inflight" and routing.per_model == {} and routing.retries == 2
+    assert routing.policy == "cache_aware" and routing.per_model == {} and routing.retries == 2
     assert (routing.timeouts.connect_s, routing.timeouts.first_byte_s, routing.timeouts.total_s) == (5, 600, 3600)
     assert routing.max_body_bytes == 32 * 2**20
     assert (routing.circuit_breaker.failures, routing.circuit_breaker.cooldown_s) == (3, 10)
