@@ -153,6 +153,12 @@ def test_prefix_header_round_trip_and_bounds():
     assert parse_prefix_header(prefix_header(200.0, many).decode())[1] == many[:MAX_PREFIX_HEADER_BLOCKS]
     for bad in (None, "", "x;1", "1.0;", "1.0;a,b", "nan;1", "-1;1", f"1;{1 << 64}", "1;" + ",".join(["1"] * 200)):
         assert parse_prefix_header(bad) is None, bad
+    packed = prefix_header(2.0, [1, -1]).decode()
+    assert packed == "2.00;x" + "0100000000000000" + "ff" * 8  # 16 hex digits a hash, little-endian
+    for bad in ("1;x", "1;x0100", "1;x" + "01" * 7 + " 0", "1;x" + "zz" * 8, "1;x" + "00" * 8 * 129, "nan;x" + "00" * 8):
+        assert parse_prefix_header(bad) is None, bad
+    # the decimal form, from gateways before the packed one, still parses
+    assert parse_prefix_header("3.50;-9223372036854775808,0,9223372036854775807") == (3.5, hashes)
 
 
 def beat(**extra):
