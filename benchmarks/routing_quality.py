@@ -56,7 +56,10 @@ import contextlib
 import json
 import os
 import random
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,7 +150,10 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
                 "--max-model-len", str(max_model_len), *kv_flags, "--enable-prefix-caching", *extra,
                 # One core per replica on vLLM's CPU backend: two engines spinning on the same
                 # cores stall each other for seconds, which swamps what routing changes.
-                env={"VLLM_CPU_KVCACHE_SPACE": None, **(cpu_binding(i) if args.cpu_bind else {})},
+                env={
+                    "VLLM_CPU_KVCACHE_SPACE": None, **(cpu_binding(i) if args.cpu_bind else {}),
+                    **(traceable_env() if args.profile else {}),
+                },
                 enforce_eager=args.enforce_eager,
             )
         )  # fmt: skip
@@ -171,6 +177,39 @@ def router_settings(router: str) -> tuple[str, dict[str, Any]]:
         key, _, value = pair.partition("=")
         extra.setdefault(policy, {})[key] = json.loads(value)
     return policy, extra
+
+
+def traceable_env() -> dict[str, str]:
+    """A worker's environment for ``--profile``: its processes let py-spy attach (``ptracer/``)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, (str(HERE / "ptracer"), os.environ.get("PYTHONPATH"))))}
+
+
+class Profiler:
+    """``py-spy record`` of every replica (the worker's process and its engine core) during one
+    run: raw collapsed stacks, active samples only, one file per replica under ``out``."""
+
+    def __init__(self, pyspy: str, workers: list[WorkerProc], out: Path, label: str, rate: int = 100) -> None:
+        self.recorders: list[subprocess.Popen[bytes]] = []
+        out.mkdir(parents=True, exist_ok=True)
+        for i, worker in enumerate(workers):
+            argv = [
+                pyspy, "record", "-p", str(worker.popen.pid), "--subprocesses", "--nonblocking", "-r", str(rate),
+                "-f", "raw", "-o", str(out / f"pyspy-{label}-replica{i}.txt"),
+            ]  # fmt: skip
+            with open(out / f"pyspy-{label}-replica{i}.log", "wb") as log:
+                self.recorders.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def stop(self) -> None:
+        """SIGINT makes py-spy write what it recorded; it gets 20 s to do so."""
+        for rec in self.recorders:
+            if rec.poll() is None:
+                rec.send_signal(signal.SIGINT)
+        for rec in self.recorders:
+            try:
+                rec.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                rec.kill()
+                rec.wait()
 
 
 def write_pids(args: argparse.Namespace, procs: list[Proc]) -> None:
@@ -229,12 +268,28 @@ def start_peer(tmp: Path, workers: list[WorkerProc], policy: str) -> tuple[Proc 
 # -- engine counters ---------------------------------------------------------------------------
 
 
+#: the engine's latency histograms whose means ``measure`` reports per replica (name -> key):
+#: with the client's TTFT they say where a request's time goes (before the engine, waiting
+#: in its scheduler, in prefill, between tokens)
+ENGINE_HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": "engine_ttft",
+    "vllm:request_queue_time_seconds": "queue",
+    "vllm:request_prefill_time_seconds": "prefill",
+    "vllm:inter_token_latency_seconds": "itl",
+    "vllm:e2e_request_latency_seconds": "e2e",
+}
+
+
 def scrape(worker: WorkerProc) -> dict[str, float]:
     text = httpx.get(worker.base_url + "/metrics", timeout=10).text
     out = {"hits": 0.0, "queries": 0.0, "requests": 0.0}
     for family in text_string_to_metric_families(text):
+        key = ENGINE_HISTOGRAMS.get(family.name) or ENGINE_HISTOGRAMS.get(family.name + "_seconds")
         for sample in family.samples:
-            if sample.name == "vllm:prefix_cache_hits_total":
+            if key and sample.name.endswith(("_sum", "_count")):
+                field = f"{key}_{sample.name.rsplit('_', 1)[1]}"
+                out[field] = out.get(field, 0.0) + sample.value
+            elif sample.name == "vllm:prefix_cache_hits_total":
                 out["hits"] += sample.value
             elif sample.name == "vllm:prefix_cache_queries_total":
                 out["queries"] += sample.value
@@ -398,7 +453,10 @@ async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -
     return {
         "requests": result.get("completed", 0) + result.get("failed", 0),
         "failed": result.get("failed", 0),
-        "ttft_ms": {"p50": result.get("p50_ttft_ms"), "p90": result.get("p90_ttft_ms"), "p99": result.get("p99_ttft_ms")},
+        "ttft_ms": {
+            "p50": result.get("p50_ttft_ms"), "p90": result.get("p90_ttft_ms"), "p99": result.get("p99_ttft_ms"),
+            "mean": result.get("mean_ttft_ms"),
+        },
         "output_tok_s": result.get("output_throughput"),
         "seconds": result.get("duration"),
     }
@@ -406,9 +464,9 @@ async def run_prefix_repetition(url: str, args: argparse.Namespace, seed: int) -
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"p50": None, "p90": None, "p99": None}
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
     pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return {"p50": statistics.median(values), "p90": pick(0.9), "p99": pick(0.99)}
+    return {"p50": statistics.median(values), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
 
 
 WORKLOADS = {"tenants": run_tenants, "prefix_repetition": run_prefix_repetition, "long_prefix": run_prefix_repetition}
@@ -451,12 +509,25 @@ async def measure(router: str, url: str, workload: str, args, workers, gateway, 
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before))
     result["hit_rate"] = hits / queries if queries else None
     result["split"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before)]
+    result["engine_ms"] = [engine_means(b, a) for b, a in zip(before, after)]
     result["inflight_imbalance"] = sampler.mean_imbalance() if router not in PEERS else None
     # what the workers last reported of their engines' caches (precise mode's input; None when off)
     result["reported_blocks"] = [w.get("prefix_cache_blocks") for w in gateway.workers().values()]
     result["router"], result["workload"], result["seed"] = router, workload, seed
     result["trace"] = sampler.samples
     return result
+
+
+def engine_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Per replica, the mean of each of ``ENGINE_HISTOGRAMS`` over the run (ms), and its count."""
+    out: dict[str, float | None] = {}
+    for key in ENGINE_HISTOGRAMS.values():
+        n = after.get(f"{key}_count", 0.0) - before.get(f"{key}_count", 0.0)
+        total = after.get(f"{key}_sum", 0.0) - before.get(f"{key}_sum", 0.0)
+        out[key] = round(1000 * total / n, 2) if n else None
+        if key == "engine_ttft":
+            out["n"] = int(n)
+    return out
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -524,6 +595,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             write_pids(args, procs)
         seed = args.seed
         took: dict[str, float] = {}  # workload -> the longest run so far (s)
+        profiled: set[tuple[str, str]] = set()  # (router, workload) runs recorded by py-spy
         for round_no in range(args.rounds):
             order = routers[round_no % len(routers) :] + routers[: round_no % len(routers)]
             if round_no % 2:
@@ -541,7 +613,16 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         set_policy(gateway, policy, extra)
                         url = gateway.base_url
                     t1 = time.monotonic()
-                    result = await measure(router, url, workload, args, workers, gateway, seed)
+                    profiler = None
+                    if router in args.profile and (router, workload) not in profiled:
+                        profiled.add((router, workload))
+                        label = f"{workload}-{router}".replace("+", "_").replace("=", "")
+                        profiler = Profiler(args.pyspy, workers, args.out or Path("."), label)
+                    try:
+                        result = await measure(router, url, workload, args, workers, gateway, seed)
+                    finally:
+                        if profiler is not None:
+                            profiler.stop()
                     took[workload] = max(took.get(workload, 0.0), time.monotonic() - t1)
                     result["round"] = round_no
                     results.append(result)
@@ -592,7 +673,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="results.json, table.md, trace.json, logs.txt here, kept current")
     parser.add_argument("--deadline", type=float, help="epoch seconds: runs that would end later are skipped")
     parser.add_argument("--pidfile", type=Path, help="write the started process groups' pids here")
+    parser.add_argument(
+        "--profile", default="", help="routers (comma-separated) whose first run per workload py-spy records, per replica"
+    )
+    parser.add_argument("--pyspy", default=shutil.which("py-spy") or "py-spy", help="the py-spy binary for --profile")
     args = parser.parse_args()
+    args.profile = set(filter(None, args.profile.split(",")))
     given = {token.split("=")[0] for token in sys.argv[1:] if token.startswith("--")}
     args.explicit = {
         a.dest for a in parser._actions if any(o in given or o.replace("--", "--no-", 1) in given for o in a.option_strings)
