@@ -93,6 +93,8 @@ routing() {
   timeout --kill-after=5 $((deadline - $(date +%s) - 5)) python3 benchmarks/routing_quality.py --preset gpu \
     --model-path /root/smol --workloads "$1" --rounds "$2" --out "$dir" --deadline $((deadline - 20)) \
     --pidfile /root/routing.pids ${ROUTING_ARGS:-} 2>&1 | tee "$dir/run.log" || echo "routing benchmark exited with $?"
+  # a call brings back only a few files: one archive of them all
+  tar czf "$dir.tar.gz" -C "$out" "$(basename "$dir")" && rm -rf "$dir"
 }
 
 phases=()

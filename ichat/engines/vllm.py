@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import types
@@ -64,6 +65,12 @@ INSTALL_HINT = (
 
 # vLLM's own server logs engine stats on this period when stats are on (vllm serve does the same).
 STATS_LOG_INTERVAL_S = 10.0
+#: Tokenizer threads of vLLM's renderer when the worker's flags leave ``--renderer-num-workers``
+#: unset (vLLM's default is one). One thread tokenizing long prompts is the queue a busy worker
+#: waits on: in issue 17's long_prefix run (6,272-token prompts on an H100) each prompt took
+#: ~30 ms to tokenize and the one thread was ~80 % busy, so a request's time to first token
+#: followed that queue, and any imbalance between replicas doubled it on the busier one.
+RENDERER_WORKERS_DEFAULT = 4
 
 
 def _first_attr(candidates: list[tuple[str, str]]) -> Any:
@@ -271,6 +278,16 @@ class VLLMEngine:
         engine_args = api.AsyncEngineArgs.from_cli_args(args)
         usage = api.UsageContext.OPENAI_API_SERVER
         vllm_config = engine_args.create_engine_config(usage_context=usage)
+        model_config = vllm_config.model_config
+        threads = renderer_workers(
+            _flag_given(self.spec.canonical_args, "--renderer-num-workers"),
+            getattr(model_config, "is_multimodal_model", True),
+            len(os.sched_getaffinity(0)),
+        )
+        if threads is not None and hasattr(model_config, "renderer_num_workers"):
+            # set on the built config: the renderer is made from it inside AsyncLLM
+            model_config.renderer_num_workers = threads
+            log.info("tokenizing on %d renderer threads (--renderer-num-workers to change)", threads)
         return api.AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=usage,
@@ -535,6 +552,20 @@ def english_only_whisper(model_cls: Any) -> Any:
 
     EnglishOnlyWhisper.__name__ = EnglishOnlyWhisper.__qualname__ = f"EnglishOnly{model_cls.__name__}"
     return EnglishOnlyWhisper
+
+
+def renderer_workers(explicit: bool, multimodal: bool, cpus: int) -> int | None:
+    """The renderer (tokenizer) thread count the worker sets, or None to leave vLLM's.
+
+    Never over the user's flag, and never for a multimodal model: vLLM refuses more than one
+    thread there while its multimodal processor cache (on by default) is in use."""
+    if explicit or multimodal:
+        return None
+    return max(1, min(RENDERER_WORKERS_DEFAULT, cpus))
+
+
+def _flag_given(argv: tuple[str, ...], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
 def _generation_config(client: Any) -> dict[str, Any]:

@@ -121,3 +121,19 @@ def test_installed_vllm_resolves() -> None:
     api = plugin._load_api()
     assert all(getattr(api, f) is not None for f in plugin.API_LOCATIONS)
     assert api.create_error_response is not None, f"vLLM {api.version}: no create_error_response found"
+
+
+@pytest.mark.parametrize(
+    ("argv", "multimodal", "cpus", "expected"),
+    [
+        ((), False, 16, plugin.RENDERER_WORKERS_DEFAULT),  # a text model on a big host: the default
+        ((), False, 2, 2),  # never more threads than usable CPUs
+        ((), False, 1, 1),
+        (("--renderer-num-workers", "1"), False, 16, None),  # the user's flag stands
+        (("--renderer-num-workers=8",), False, 16, None),
+        ((), True, 16, None),  # vLLM refuses more than one with its multimodal cache
+    ],
+)
+def test_renderer_threads_default_to_several_for_text_models_unless_the_flag_is_given(argv, multimodal, cpus, expected):
+    explicit = plugin._flag_given(argv, "--renderer-num-workers")
+    assert plugin.renderer_workers(explicit, multimodal, cpus) == expected
