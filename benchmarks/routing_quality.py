@@ -137,6 +137,8 @@ def start_cluster(tmp: Path, replicas: int, kv_tokens: int, heartbeat_s: float, 
     workers: list[WorkerProc] = []
     kv_flags = ["--kv-cache-memory-bytes", str(kv_tokens * KV_BYTES_PER_TOKEN)] if kv_tokens else []
     extra = args.worker_args.split()
+    if args.renderer_threads:
+        extra += ["--renderer-num-workers", str(args.renderer_threads)]
     # precise mode needs the engines' KV-cache events; every replica reports, whichever router
     # runs, so that all routers pay the same (small) cost
     if any(router_settings(r)[1].get("cache_aware", {}).get("precise") for r in args.routers.split(",") if r not in PEERS):
@@ -672,6 +674,10 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, help="write the in-flight/reported-load samples here")
     parser.add_argument("--out", type=Path, help="results.json, table.md, trace.json, logs.txt here, kept current")
     parser.add_argument("--deadline", type=float, help="epoch seconds: runs that would end later are skipped")
+    parser.add_argument(
+        "--renderer-threads", type=int, default=0,
+        help="vLLM's --renderer-num-workers for every worker (0: the worker's default; runs 1-10 on the GPU ran with 1)",
+    )  # fmt: skip
     parser.add_argument("--pidfile", type=Path, help="write the started process groups' pids here")
     parser.add_argument(
         "--profile", default="", help="routers (comma-separated) whose first run per workload py-spy records, per replica"
