@@ -21,6 +21,11 @@ the grain of whole prefixes). ``GET /stats`` then also returns ``hits``, ``queri
 ``distinct_prefixes`` (and
 ``?reset_cache=1`` empties the cache, as a benchmark resets an engine's prefix cache).
 
+With ``--tokenize-us-per-token T`` a request first waits for one of ``--tokenizer-threads``
+tokenizers and holds it ``T`` µs per prompt token before the scheduler sees it: vLLM's renderer
+tokenizes in a pool of that many threads, ahead of the scheduler (on the GPU, one thread took
+~31 ms for a 6,272-token prompt: ~5 µs a token; README "Where long_prefix's TTFT went").
+
 Used by ``benchmarks/least_inflight_herding.py`` and ``benchmarks/prefix_placement.py``.
 """
 
@@ -64,6 +69,18 @@ class Scheduler:
         self.prefixes: OrderedDict[str, None] = OrderedDict()
         self.hits = self.queries = 0
         self.seen: set[str] = set()  # distinct prefixes since the last /stats
+        #: --tokenizer-threads: the renderer's pool (made in the running loop, on first use)
+        self.tokenizers: asyncio.Semaphore | None = None
+
+    async def tokenize(self) -> None:
+        """Wait for a tokenizer and hold it for the prompt's tokens (nothing when the cost is 0)."""
+        a = self.args
+        if not a.tokenize_us_per_token:
+            return
+        if self.tokenizers is None:
+            self.tokenizers = asyncio.Semaphore(a.tokenizer_threads)
+        async with self.tokenizers:
+            await asyncio.sleep(a.prompt_tokens * a.tokenize_us_per_token / 1e6)
 
     def cached(self, prefix: str) -> bool:
         """Whether the prompt's prefix is cached (and, either way, it is now, as the newest)."""
@@ -140,6 +157,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     messages = body.get("messages")
     first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    await scheduler.tokenize()
     job = scheduler.submit(int(body.get("max_tokens") or 16), str(first.get("content")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -198,6 +216,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2176)
     parser.add_argument("--cached-tokens", type=int, default=2048)
     parser.add_argument("--prefix-cache-tokens", type=int, default=0, help="an LRU of whole prefixes instead of --hit")
+    parser.add_argument("--tokenize-us-per-token", type=float, default=0.0, help="tokenizing before the scheduler (0: free)")
+    parser.add_argument("--tokenizer-threads", type=int, default=1, help="tokenizers working at once")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     args = parser.parse_args()
     web.run_app(build_app(args), host="127.0.0.1", port=args.port, print=None, access_log=None)

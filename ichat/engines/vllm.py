@@ -557,8 +557,8 @@ def english_only_whisper(model_cls: Any) -> Any:
 def renderer_workers(explicit: bool, multimodal: bool, cpus: int) -> int | None:
     """The renderer (tokenizer) thread count the worker sets, or None to leave vLLM's.
 
-    Never over the user's flag, and never for a multimodal model: vLLM refuses more than one
-    thread there while its multimodal processor cache (on by default) is in use."""
+    None when the user gave the flag (theirs stands), and for a multimodal model: vLLM refuses
+    more than one thread there while its multimodal processor cache (on by default) is in use."""
     if explicit or multimodal:
         return None
     return max(1, min(RENDERER_WORKERS_DEFAULT, cpus))
