@@ -565,7 +565,9 @@ def renderer_workers(explicit: bool, multimodal: bool, cpus: int) -> int | None:
 
 
 def _flag_given(argv: tuple[str, ...], flag: str) -> bool:
-    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+    """Whether ``flag`` is among the engine flags, spelled as vLLM's parser takes it: with dashes
+    or underscores (``--renderer_num_workers``), its value after a space or an ``=``."""
+    return any(arg.split("=", 1)[0].replace("_", "-") == flag for arg in argv if arg.startswith("--"))
 
 
 def _generation_config(client: Any) -> dict[str, Any]:

@@ -131,6 +131,8 @@ def test_installed_vllm_resolves() -> None:
         ((), False, 1, 1),
         (("--renderer-num-workers", "1"), False, 16, None),  # the user's flag stands
         (("--renderer-num-workers=8",), False, 16, None),
+        (("--renderer_num_workers", "1"), False, 16, None),  # vLLM's parser takes underscores too
+        (("--renderer_num_workers=2",), False, 16, None),
         ((), True, 16, None),  # vLLM refuses more than one with its multimodal cache
     ],
 )
