@@ -69,16 +69,14 @@ class Scheduler:
         self.prefixes: OrderedDict[str, None] = OrderedDict()
         self.hits = self.queries = 0
         self.seen: set[str] = set()  # distinct prefixes since the last /stats
-        #: --tokenizer-threads: the renderer's pool (made in the running loop, on first use)
-        self.tokenizers: asyncio.Semaphore | None = None
+        #: --tokenizer-threads: the renderer's pool
+        self.tokenizers = asyncio.Semaphore(args.tokenizer_threads)
 
     async def tokenize(self) -> None:
         """Wait for a tokenizer and hold it for the prompt's tokens (nothing when the cost is 0)."""
         a = self.args
         if not a.tokenize_us_per_token:
             return
-        if self.tokenizers is None:
-            self.tokenizers = asyncio.Semaphore(a.tokenizer_threads)
         async with self.tokenizers:
             await asyncio.sleep(a.prompt_tokens * a.tokenize_us_per_token / 1e6)
 

@@ -286,7 +286,7 @@ def scrape(worker: WorkerProc) -> dict[str, float]:
     text = httpx.get(worker.base_url + "/metrics", timeout=10).text
     out = {"hits": 0.0, "queries": 0.0, "requests": 0.0}
     for family in text_string_to_metric_families(text):
-        key = ENGINE_HISTOGRAMS.get(family.name) or ENGINE_HISTOGRAMS.get(family.name + "_seconds")
+        key = ENGINE_HISTOGRAMS.get(family.name)
         for sample in family.samples:
             if key and sample.name.endswith(("_sum", "_count")):
                 field = f"{key}_{sample.name.rsplit('_', 1)[1]}"
