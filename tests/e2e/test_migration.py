@@ -19,16 +19,21 @@ from __future__ import annotations
 import os
 import signal
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_proc import GatewayProc
 from tests.procs import WorkerProc, smollm2_path, wait_until
 
 MODEL = "smollm2"
-QUESTION = [{"role": "user", "content": "Count from 1 to 40, separated by commas."}]
-MAX_TOKENS = 48
-KILL_AFTER_CHUNKS = 8
+QUESTION = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+# Long enough that the kill lands mid-answer even when the client, sharing two cores with two
+# engines, reads its chunks late: at 48 tokens a whole answer once finished before the client had
+# read its eighth chunk, and no replica was left serving it.
+MAX_TOKENS = 160
+KILL_AFTER_CHUNKS = 4
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +72,16 @@ def client(gateway: GatewayProc) -> openai.OpenAI:
 def serving_worker(gateway: GatewayProc, workers: dict[str, WorkerProc]) -> WorkerProc:
     views = gateway.workers()
     busy = [v for v in views.values() if v["inflight_via_gateway"] > 0]
-    assert len(busy) == 1, views
+    assert len(busy) == 1, {name: view["inflight_via_gateway"] for name, view in views.items()}
     return workers[busy[0]["address"].rsplit(":", 1)[1]]
+
+
+def migrations(gateway: GatewayProc) -> float:
+    for family in text_string_to_metric_families(httpx.get(gateway.base_url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "ichat_gateway_stream_migrations_total" and sample.labels["model"] == MODEL:
+                return sample.value
+    return 0.0
 
 
 def test_chat_stream_continues_on_the_other_replica_after_kill_9(cluster):
@@ -82,6 +95,7 @@ def test_chat_stream_continues_on_the_other_replica_after_kill_9(cluster):
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS, stream=True,
         stream_options={"include_usage": True},
     )  # fmt: skip
+    migrated_before = migrations(gateway)
     chunks = []
     killed = None
     for chunk in stream:
@@ -99,4 +113,5 @@ def test_chat_stream_continues_on_the_other_replica_after_kill_9(cluster):
     assert chunks[-1].usage.prompt_tokens == reference.usage.prompt_tokens
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
+    assert migrations(gateway) == migrated_before + 1  # the kill landed mid-answer
     wait_until(lambda: not killed.alive(), 10, what="killed worker gone")
