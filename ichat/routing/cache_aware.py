@@ -130,6 +130,24 @@ class PrefixIndex:
                 hi = mid
         return lo
 
+    def depths(self, endpoint_ids: Sequence[str], hashes: Sequence[int], now: float) -> list[int]:
+        """``depth`` for each endpoint, in one call: most endpoints of a pool miss at the first
+        block, and this settles each of those with one probe per generation, no call."""
+        oldest = now - self.ttl_s
+        lru = self._lru
+        first = hashes[0]
+        out = []
+        for endpoint_id in endpoint_ids:
+            gens = lru.get(endpoint_id)
+            if gens is None:
+                out.append(0)
+                continue
+            seen = gens.current.get(first)
+            if seen is None:
+                seen = gens.previous.get(first)
+            out.append(0 if seen is None or seen < oldest else self.depth(endpoint_id, hashes, now))
+        return out
+
     def holds(self, endpoint_id: str, block_hash: int, now: float, max_age: float) -> bool:
         """Whether the endpoint holds this block, used within ``max_age`` seconds (and the TTL)."""
         gens = self._lru.get(endpoint_id)
@@ -227,11 +245,10 @@ class CacheAware:
 
         units = prompt_units(prompt, s.block_chars)
         if s.precise:
-            grace = s.precise_grace_s
-            depths = [_precise_depth(ep, hashes, index, now, grace) for ep in candidates]
+            depths = _precise_depths(candidates, hashes, index, now, s.precise_grace_s)
             request.upstream_headers = [(_PREFIX_HEADER, prefix_header(units, hashes))]
         else:
-            depths = [index.depth(ep.id, hashes, now) for ep in candidates]
+            depths = index.depths([ep.id for ep in candidates], hashes, now)
         best_depth = max(depths)
         self.prompt_blocks += units
         self.matched_blocks += best_depth
@@ -292,19 +309,38 @@ class CacheAware:
             )
 
 
-def _precise_depth(ep: Endpoint, hashes: list[int], index: PrefixIndex, now: float, grace: float) -> int:
-    """Precise mode: the blocks the endpoint's engine reports holding, or that were sent to it
-    within ``grace`` seconds (not reported yet); the approximate index for an endpoint that
-    does not report."""
-    reported = ep.cached_prefixes
-    if reported is None or not reported.synced:
-        return index.depth(ep.id, hashes, now)
-    depth = reported.depth(hashes)
-    # The index's "held" is monotone along the chain: it can only go deeper than the report if
-    # it holds the first block the report lacks, so one probe settles most endpoints.
-    if depth < len(hashes) and grace and index.holds(ep.id, hashes[depth], now, grace):
-        return max(depth, index.depth(ep.id, hashes, now, grace))
-    return depth
+def _precise_depths(
+    candidates: Sequence[Endpoint], hashes: list[int], index: PrefixIndex, now: float, grace: float
+) -> list[int]:
+    """Precise mode, for each endpoint: the blocks its engine reports holding, or that were sent
+    to it within ``grace`` seconds (not reported yet); the approximate index for an endpoint
+    that does not report.
+
+    One loop with the common cases inlined (a report that lacks the first block, an index that
+    was not sent it lately): a call per endpoint per step cost about a fifth of the policy."""
+    n = len(hashes)
+    first = hashes[0]
+    lru = index._lru
+    oldest = now - min(grace, index.ttl_s)
+    out = []
+    for ep in candidates:
+        reported = ep.cached_prefixes
+        if reported is None or not reported.synced:
+            out.append(index.depth(ep.id, hashes, now))
+            continue
+        depth = 0 if first not in reported.blocks else reported.depth(hashes)
+        # The index's "held" is monotone along the chain: it can only go deeper than the report
+        # if it holds the first block the report lacks, so one probe settles most endpoints.
+        gens = lru.get(ep.id) if depth < n and grace else None
+        if gens is not None:
+            h = hashes[depth]
+            seen = gens.current.get(h)
+            if seen is None:
+                seen = gens.previous.get(h)
+            if seen is not None and seen >= oldest:
+                depth = max(depth, index.depth(ep.id, hashes, now, grace))
+        out.append(depth)
+    return out
 
 
 def _held(current: dict[int, float], previous: dict[int, float], h: int, oldest: float) -> bool:

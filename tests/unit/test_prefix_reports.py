@@ -18,7 +18,7 @@ from ichat.protocol import (
     prefix_header,
 )
 from ichat.routing import Endpoint, RequestInfo
-from ichat.routing.cache_aware import CacheAware, PrefixIndex, _precise_depth
+from ichat.routing.cache_aware import CacheAware, PrefixIndex, _precise_depths
 from ichat.routing.cachereport import CachedPrefixes
 from ichat.routing.prompt import block_hashes, prompt_of, prompt_units
 from ichat.worker.prefixcache import PrefixCacheTracker, token_chain
@@ -268,6 +268,10 @@ def test_precise_mode_sends_the_blocks_and_trusts_the_engines_report():
     assert p.decisions["hit"] == 2
 
 
+def _precise_depth(ep: Endpoint, hashes: list[int], index: PrefixIndex, now: float, grace: float) -> int:
+    return _precise_depths([ep], hashes, index, now, grace)[0]
+
+
 def test_precise_depth_is_the_deeper_of_the_report_and_the_dispatches_within_the_grace():
     ep = Endpoint(id="e0", model_name="m", api_base="http://h0:8000/v1")
     index = PrefixIndex(max_blocks=1000, ttl_s=600.0)
@@ -299,3 +303,44 @@ def test_approximate_mode_adds_no_header():
     request = chat(SYSTEM, "q1")
     p.select([Endpoint(id="e0", model_name="m", api_base="http://h:8000/v1")], request, random.Random(0))
     assert request.upstream_headers is None
+
+
+def test_depths_of_a_pool_in_one_call_equal_the_definition_endpoint_by_endpoint():
+    """The inlined loops (``PrefixIndex.depths``, ``_precise_depths``) against the definition,
+    on random pools: reporting and silent endpoints, reports and dispatches of different ages
+    and depths, with and without a grace."""
+    rng = random.Random(7)
+    chains = [[rng.getrandbits(63) for _ in range(12)] for _ in range(4)]
+
+    def reference(ep: Endpoint, hashes: list[int], index: PrefixIndex, now: float, grace: float) -> int:
+        reported = ep.cached_prefixes
+        if reported is None or not reported.synced:
+            return index.depth(ep.id, hashes, now)
+        depth = 0
+        while depth < len(hashes) and hashes[depth] in reported.blocks:
+            depth += 1
+        if not grace:
+            return depth
+        return max(depth, index.depth(ep.id, hashes, now, grace))
+
+    checked = deeper_by_grace = 0
+    for trial in range(300):
+        index = PrefixIndex(max_blocks=rng.choice([8, 64, 1000]), ttl_s=rng.choice([5.0, 600.0]))
+        eps = [Endpoint(id=f"e{i}", model_name="m", api_base=f"http://h{i}:8000/v1") for i in range(5)]
+        for ep in eps:
+            for _ in range(rng.randrange(4)):
+                chain = rng.choice(chains)
+                index.learn(ep.id, chain[: rng.randrange(1, 13)], now=100.0 + rng.uniform(0, 10))
+            if rng.random() < 0.7:
+                chain = rng.choice(chains)
+                report_all(ep, chain[: rng.randrange(0, 13)])
+        hashes = rng.choice(chains)[: rng.randrange(1, 13)]
+        now, grace = 110.0 + rng.uniform(0, 3), rng.choice([0.0, 1.0, 3.0, 20.0])
+        expected = [reference(ep, hashes, index, now, grace) for ep in eps]
+        assert _precise_depths(eps, hashes, index, now, grace) == expected, trial
+        assert index.depths([ep.id for ep in eps], hashes, now) == [index.depth(ep.id, hashes, now) for ep in eps]
+        checked += sum(1 for d in expected if d)
+        deeper_by_grace += sum(
+            1 for ep, d in zip(eps, expected) if ep.cached_prefixes is not None and d > ep.cached_prefixes.depth(hashes)
+        )
+    assert checked > 300 and deeper_by_grace > 20  # the draws reach the interesting cases
