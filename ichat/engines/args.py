@@ -380,6 +380,12 @@ def _normalize(token: str) -> tuple[str, str | None]:
     return "--" + name[2:].replace("_", "-"), (inline if eq else None)
 
 
+def flag_given(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``flag`` (dashed, ``--renderer-num-workers``) is among ``argv`` in any spelling vLLM's
+    parser takes: dashes or underscores, its value after a space or an ``=``."""
+    return any(_normalize(token)[0] == flag for token in argv)
+
+
 def _is_flag(token: str) -> bool:
     """A token that starts a new flag rather than being a value (``-1`` and ``-0.5`` are values)."""
     if not token.startswith("-") or token == "-":

@@ -52,6 +52,7 @@ from ichat.engines.base import (
     UploadedFile,
 )
 from ichat.engines import vllm_kvevents
+from ichat.engines.args import flag_given
 from ichat.errors import EngineUnavailable, error_body
 from ichat.protocol import PREFIX_BLOCKS_HEADER, parse_prefix_header
 from ichat.worker.prefixcache import PrefixCacheTracker
@@ -280,7 +281,7 @@ class VLLMEngine:
         vllm_config = engine_args.create_engine_config(usage_context=usage)
         model_config = vllm_config.model_config
         threads = renderer_workers(
-            _flag_given(self.spec.canonical_args, "--renderer-num-workers"),
+            flag_given(self.spec.canonical_args, "--renderer-num-workers"),
             getattr(model_config, "is_multimodal_model", True),
             len(os.sched_getaffinity(0)),
         )
@@ -562,12 +563,6 @@ def renderer_workers(explicit: bool, multimodal: bool, cpus: int) -> int | None:
     if explicit or multimodal:
         return None
     return max(1, min(RENDERER_WORKERS_DEFAULT, cpus))
-
-
-def _flag_given(argv: tuple[str, ...], flag: str) -> bool:
-    """Whether ``flag`` is among the engine flags, spelled as vLLM's parser takes it: with dashes
-    or underscores (``--renderer_num_workers``), its value after a space or an ``=``."""
-    return any(arg.split("=", 1)[0].replace("_", "-") == flag for arg in argv if arg.startswith("--"))
 
 
 def _generation_config(client: Any) -> dict[str, Any]:

@@ -148,11 +148,6 @@ class PrefixIndex:
             out.append(0 if seen is None or seen < oldest else self.depth(endpoint_id, hashes, now))
         return out
 
-    def holds(self, endpoint_id: str, block_hash: int, now: float, max_age: float) -> bool:
-        """Whether the endpoint holds this block, used within ``max_age`` seconds (and the TTL)."""
-        gens = self._lru.get(endpoint_id)
-        return gens is not None and _held(gens.current, gens.previous, block_hash, now - min(max_age, self.ttl_s))
-
     def learn(self, endpoint_id: str, hashes: Sequence[int], now: float) -> None:
         gens = self._lru.get(endpoint_id)
         if gens is None:

@@ -14,6 +14,7 @@ import pydantic
 import pytest
 
 from ichat.engines import vllm as plugin
+from ichat.engines.args import flag_given
 from ichat.errors import EngineUnavailable
 
 COMMON = {
@@ -137,5 +138,5 @@ def test_installed_vllm_resolves() -> None:
     ],
 )
 def test_renderer_threads_default_to_several_for_text_models_unless_the_flag_is_given(argv, multimodal, cpus, expected):
-    explicit = plugin._flag_given(argv, "--renderer-num-workers")
+    explicit = flag_given(argv, "--renderer-num-workers")
     assert plugin.renderer_workers(explicit, multimodal, cpus) == expected
